@@ -1,0 +1,132 @@
+// The one CPU loop behind every treepool reduction: weighted sums of contiguous row
+// ranges of a [T, P] buffer, handed column block by column block to an epilogue that
+// turns them into the op's output (sum, mean, tree update, Reptile update).
+//
+//   acc[c, p] = sum_{t = offsets[c]}^{offsets[c+1]-1} w_t x[t, p]
+//
+// Work partition (it depends on the shapes and offsets only, never on the number of
+// threads, so results are bitwise reproducible on any machine):
+// - columns are cut into blocks of kBlock; a unit of work is (column block, row chunk);
+//   units are ordered block-major so that every thread's share of a skewed tree
+//   covers all clusters of a few blocks, not all blocks of one cluster;
+// - when there are fewer than kTargetUnits column blocks (small P), the rows of long
+//   clusters are cut into chunks as well; chunk partial sums go to a scratch buffer
+//   and a second pass adds them in chunk order, so the sum order is fixed.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace treepool {
+namespace cpu {
+
+constexpr int64_t kBlock = 2048;        // columns per unit: the accumulator stays in L1
+constexpr int64_t kTargetUnits = 64;    // enough units to keep every core busy
+constexpr int64_t kMinWorkPerTask = 32768;  // elements below which threads do not pay
+
+// A contiguous range of rows of one cluster; slot >= 0 when the cluster was split and
+// this chunk's partial sums go to scratch row `slot`.
+struct RowChunk {
+  int64_t cluster, begin, end, slot;
+};
+
+// Cuts clusters into row chunks of at most `chunk_rows` rows (an empty cluster gets one
+// empty chunk, so that its output is still written).
+inline std::vector<RowChunk> make_chunks(const int64_t* offsets, int64_t C, int64_t chunk_rows,
+                                         int64_t* num_slots) {
+  std::vector<RowChunk> chunks;
+  chunks.reserve(C);
+  int64_t slots = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t b = offsets[c], e = offsets[c + 1];
+    int64_t n = std::max<int64_t>(1, (e - b + chunk_rows - 1) / chunk_rows);
+    for (int64_t k = 0; k < n; ++k) {
+      int64_t lo = b + k * chunk_rows, hi = std::min(e, lo + chunk_rows);
+      chunks.push_back({c, lo, n == 1 ? e : hi, n == 1 ? -1 : slots++});
+    }
+  }
+  *num_slots = slots;
+  return chunks;
+}
+
+// acc[0:n] += w * row[0:n] for rows [begin, end) of x; plain loops the compiler vectorises.
+template <typename scalar_t, typename acc_t>
+inline void accumulate_rows(const scalar_t* x, int64_t row_stride, int64_t begin, int64_t end,
+                            int64_t p0, int64_t n, const acc_t* weights, acc_t* acc) {
+  std::fill(acc, acc + n, acc_t(0));
+  for (int64_t t = begin; t < end; ++t) {
+    const scalar_t* __restrict__ row = x + t * row_stride + p0;
+    acc_t* __restrict__ a = acc;
+    if (weights) {
+      const acc_t w = weights[t];
+      for (int64_t j = 0; j < n; ++j) a[j] += w * static_cast<acc_t>(row[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) a[j] += static_cast<acc_t>(row[j]);
+    }
+  }
+}
+
+// Runs the reduction. `epilogue(c, p0, n, acc)` receives the weighted sums of cluster c
+// for columns [p0, p0 + n) and writes the op's output for them.
+template <typename scalar_t, typename acc_t, typename Epilogue>
+void segment_reduce(const scalar_t* x, int64_t row_stride, int64_t T, int64_t P,
+                    const int64_t* offsets, int64_t C, const acc_t* weights,
+                    const Epilogue& epilogue) {
+  if (C == 0 || P == 0) return;
+  const int64_t blocks = (P + kBlock - 1) / kBlock;
+  const int64_t row_splits = std::max<int64_t>(1, (kTargetUnits + blocks - 1) / blocks);
+  const int64_t chunk_rows = std::max<int64_t>(1, (T + row_splits - 1) / row_splits);
+  int64_t num_slots = 0;
+  const std::vector<RowChunk> chunks = make_chunks(offsets, C, chunk_rows, &num_slots);
+  const int64_t U = static_cast<int64_t>(chunks.size());
+
+  std::vector<acc_t> scratch(static_cast<size_t>(num_slots) * P);
+  const int64_t total_work = (T + C) * P;
+  const int64_t units = blocks * U;
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerTask * units / std::max<int64_t>(1, total_work));
+
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    acc_t acc[kBlock];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / U;
+      const RowChunk& ch = chunks[u % U];
+      const int64_t p0 = b * kBlock, n = std::min(kBlock, P - p0);
+      accumulate_rows(x, row_stride, ch.begin, ch.end, p0, n, weights, acc);
+      if (ch.slot < 0) {
+        epilogue(ch.cluster, p0, n, acc);
+      } else {
+        std::memcpy(scratch.data() + ch.slot * P + p0, acc, n * sizeof(acc_t));
+      }
+    }
+  });
+  if (num_slots == 0) return;
+
+  // Second pass: the clusters that were split, their chunk sums added in chunk order.
+  std::vector<int64_t> split_first;  // index in `chunks` of each split cluster's first chunk
+  for (int64_t i = 0; i < U; ++i)
+    if (chunks[i].slot >= 0 && (i == 0 || chunks[i - 1].cluster != chunks[i].cluster))
+      split_first.push_back(i);
+  const int64_t S = static_cast<int64_t>(split_first.size());
+  at::parallel_for(0, blocks * S, 1, [&](int64_t u0, int64_t u1) {
+    acc_t acc[kBlock];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / S;
+      int64_t i = split_first[u % S];
+      const int64_t c = chunks[i].cluster;
+      const int64_t p0 = b * kBlock, n = std::min(kBlock, P - p0);
+      std::fill(acc, acc + n, acc_t(0));
+      for (; i < U && chunks[i].cluster == c; ++i) {
+        const acc_t* part = scratch.data() + chunks[i].slot * P + p0;
+        for (int64_t j = 0; j < n; ++j) acc[j] += part[j];
+      }
+      epilogue(c, p0, n, acc);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace treepool

@@ -1,0 +1,69 @@
+// The treepool op schemas (one place for all of them) and the Python module
+// `treepool._C`, whose import registers the kernels of csrc/cpu and csrc/cuda.
+//
+// Semantics (DESIGN.md section 3), with rows of a [T, P] buffer grouped into clusters
+// by offsets [C + 1] and an optional per-row weight w:
+//   segment_sum(x)                 out[c] = sum_{t in c} w_t x[t]
+//   segment_mean(x)                out[c] = segment_sum(x)[c] / sum_{t in c} w_t  (0 if empty)
+//   segment_broadcast(g)           out[t] = w_t g[c(t)] (/ sum_{u in c} w_u when mean)
+//   tree_update(node, grads)       out[c] = node[parents[c]] - lr * segment_mean(grads)[c]
+//   reptile_update(theta, phi)     out[c] = theta[c] + eps * (segment_mean(phi)[c] - theta[c])
+// A rate is `lr` (a float) unless `lr_tensor` (0-d or [P]) is given, which replaces it.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+TORCH_LIBRARY(treepool, m) {
+  m.def("segment_sum(Tensor x, Tensor offsets, Tensor? weights=None) -> Tensor");
+  m.def("segment_mean(Tensor x, Tensor offsets, Tensor? weights=None) -> Tensor");
+  m.def(
+      "segment_broadcast(Tensor g, Tensor offsets, Tensor? weights, bool mean, "
+      "SymInt num_rows) -> Tensor");
+  m.def(
+      "tree_update(Tensor node_params, Tensor grads, Tensor offsets, Tensor parents, "
+      "Tensor? weights=None, float lr=1.0, Tensor? lr_tensor=None) -> Tensor");
+  m.def(
+      "tree_update_(Tensor(a!) out, Tensor node_params, Tensor grads, Tensor offsets, "
+      "Tensor parents, Tensor? weights=None, float lr=1.0, Tensor? lr_tensor=None) -> ()");
+  m.def(
+      "reptile_update(Tensor theta, Tensor phi, Tensor offsets, Tensor? weights=None, "
+      "float eps=1.0, Tensor? eps_tensor=None) -> Tensor");
+  m.def(
+      "reptile_update_(Tensor(a!) theta, Tensor phi, Tensor offsets, Tensor? weights=None, "
+      "float eps=1.0, Tensor? eps_tensor=None) -> ()");
+}
+
+namespace {
+
+// What `python -m treepool info` reports about this build.
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef TREEPOOL_WITH_CUDA
+  const bool cuda = true;
+#ifdef TREEPOOL_CUDA_ARCHS
+  const char* archs = TREEPOOL_CUDA_ARCHS;
+#else
+  const char* archs = "";
+#endif
+#else
+  const bool cuda = false;
+  const char* archs = "";
+#endif
+#ifdef _OPENMP
+  const bool openmp = true;
+#else
+  const bool openmp = false;
+#endif
+  return Py_BuildValue("{s:O,s:O,s:s,s:O}", "cpu", Py_True, "cuda", cuda ? Py_True : Py_False,
+                       "cuda_archs", archs, "openmp", openmp ? Py_True : Py_False);
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What this build of treepool._C contains."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "treepool's compiled kernels.", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

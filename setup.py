@@ -1,0 +1,60 @@
+"""Builds treepool._C against the torch that is already installed.
+
+Install with `pip install --no-build-isolation -e .` (or without -e): build isolation
+would fetch another torch into a throwaway environment, and a torch from the registry
+may be a multi-gigabyte CUDA build. A CUDA extension is built when the installed torch
+has CUDA and nvcc is found (TORCH_CUDA_ARCH_LIST chooses the architectures, default
+8.0 and 9.0); otherwise the CPU-only extension. TREEPOOL_FORCE_CPU=1 forces the latter.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - a message for the user, not a code path
+    raise SystemExit(
+        "treepool builds against the torch already installed in this environment, and "
+        "none was found. Install torch first (CPU: `pip install torch`), then run "
+        "`pip install --no-build-isolation .`"
+    ) from exc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def with_cuda() -> bool:
+    if os.environ.get("TREEPOOL_FORCE_CPU") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def extension():
+    cxx = ["-O3", "-fopenmp"]
+    srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    if not with_cuda():
+        return CppExtension("treepool._C", srcs, extra_compile_args={"cxx": cxx},
+                            extra_link_args=["-fopenmp"])
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    macros = [("TREEPOOL_WITH_CUDA", None), ("TREEPOOL_CUDA_ARCHS", f'"{archs}"')]
+    return CUDAExtension(
+        "treepool._C",
+        srcs + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=find_packages(include=["treepool", "treepool.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

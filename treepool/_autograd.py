@@ -1,0 +1,181 @@
+"""Autograd rules of the native ops, built from the native ops themselves.
+
+Because every backward here is made of differentiable ops (the treepool ops carry
+these same rules), gradients of gradients work: second-order MAML differentiates
+through the backward of tree_update.
+
+With m = segment_mean(x, offsets, w), W_c = sum_{t in c} w_t and c = c(t):
+    dL/dx_t = (w_t / W_c) dL/dm_c                          (segment_broadcast, mean)
+    dL/dw_t = (<dL/dm_c, x_t> - <dL/dm_c, m_c>) / W_c
+and for s = segment_sum(x, offsets, w):
+    dL/dx_t = w_t dL/ds_c,    dL/dw_t = <dL/ds_c, x_t>.
+A cluster of zero total weight has output 0 and passes back 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ops = torch.ops.treepool
+
+
+def _row_dots(a, b):
+    """<a_t, b_t> for every row, in float32 at least, shape [T, 1]."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(acc) * b.to(acc)).sum(1, keepdim=True).to(a.dtype)
+
+
+def _inv_total_per_row(offsets, weights, num_rows):
+    """1 / W_{c(t)} for every row t (0 where W_c = 0), shape [T, 1]."""
+    W = ops.segment_sum(weights[:, None], offsets, None)
+    positive = W > 0
+    inv = torch.where(positive, 1.0 / torch.where(positive, W, torch.ones_like(W)),
+                      torch.zeros_like(W))
+    return ops.segment_broadcast(inv, offsets, None, False, num_rows)
+
+
+def _sum_backward(grad, x, offsets, weights, need_x, need_w):
+    T = x.shape[0]
+    gx = ops.segment_broadcast(grad, offsets, weights, False, T) if need_x else None
+    gw = None
+    if need_w:
+        gw = _row_dots(ops.segment_broadcast(grad, offsets, None, False, T), x)[:, 0]
+    return gx, gw
+
+
+def _mean_backward(grad, x, offsets, weights, mean, need_x, need_w):
+    """Gradients of m = segment_mean(x, offsets, weights) given dL/dm = grad."""
+    T = x.shape[0]
+    gx = ops.segment_broadcast(grad, offsets, weights, True, T) if need_x else None
+    gw = None
+    if need_w:
+        per_row = _row_dots(ops.segment_broadcast(grad, offsets, None, False, T), x)
+        per_cluster = ops.segment_broadcast(_row_dots(grad, mean), offsets, None, False, T)
+        gw = ((per_row - per_cluster) * _inv_total_per_row(offsets, weights, T))[:, 0]
+    return gx, gw
+
+
+def _needs(ctx, n):
+    """ctx.needs_input_grad padded to the schema's n inputs (the dispatcher drops
+    trailing arguments equal to their defaults)."""
+    need = tuple(ctx.needs_input_grad)
+    return need + (False,) * (n - len(need))
+
+
+def _rate_grad(grad, value, rate_tensor):
+    """dL/d rate for out = ... + rate * value: a 0-d or [P] tensor like rate_tensor."""
+    g = grad * value
+    return g.sum() if rate_tensor.dim() == 0 else g.sum(0)
+
+
+# ----------------------------------------------------------------------------- segment_sum
+
+def _setup_segment(ctx, inputs, output):
+    x, offsets, weights = inputs
+    ctx.save_for_backward(x, offsets, weights, output)
+
+
+def _segment_sum_backward(ctx, grad):
+    x, offsets, weights, _ = ctx.saved_tensors
+    need = _needs(ctx, 3)
+    gx, gw = _sum_backward(grad, x, offsets, weights, need[0], need[2] and weights is not None)
+    return gx, None, gw
+
+
+def _segment_mean_backward(ctx, grad):
+    x, offsets, weights, mean = ctx.saved_tensors
+    need = _needs(ctx, 3)
+    gx, gw = _mean_backward(grad, x, offsets, weights, mean, need[0],
+                            need[2] and weights is not None)
+    return gx, None, gw
+
+
+# ----------------------------------------------------------------------- segment_broadcast
+
+def _setup_broadcast(ctx, inputs, output):
+    g, offsets, weights, mean, num_rows = inputs
+    ctx.mean, ctx.num_rows = mean, num_rows
+    ctx.save_for_backward(g, offsets, weights)
+
+
+def _segment_broadcast_backward(ctx, grad):
+    g, offsets, weights = ctx.saved_tensors
+    need = _needs(ctx, 5)
+    reduce = ops.segment_mean if ctx.mean else ops.segment_sum
+    gg = reduce(grad, offsets, weights) if need[0] else None
+    gw = None
+    if need[2] and weights is not None:
+        T = ctx.num_rows
+        d = _row_dots(grad, ops.segment_broadcast(g, offsets, None, False, T))
+        if ctx.mean:
+            d_mean = ops.segment_broadcast(ops.segment_mean(d, offsets, weights), offsets,
+                                           None, False, T)
+            d = (d - d_mean) * _inv_total_per_row(offsets, weights, T)
+        gw = d[:, 0]
+    return gg, None, gw, None, None
+
+
+# ----------------------------------------------------------------------------- tree_update
+
+def _setup_tree_update(ctx, inputs, output):
+    node_params, grads, offsets, parents, weights, lr, lr_tensor = inputs
+    ctx.lr, ctx.num_nodes = lr, node_params.shape[0]
+    ctx.save_for_backward(grads, offsets, parents, weights, lr_tensor)
+
+
+def _tree_update_backward(ctx, grad):
+    grads, offsets, parents, weights, lr_tensor = ctx.saved_tensors
+    need = _needs(ctx, 7)
+    need_w = need[4] and weights is not None
+    need_lr = need[6] and lr_tensor is not None
+    g_node = g_grads = g_w = g_lr = None
+    if need[0]:
+        # node j receives the sum of the gradients of its children, a contiguous range.
+        nodes = torch.arange(ctx.num_nodes + 1, device=parents.device)
+        child_offsets = torch.searchsorted(parents, nodes)
+        g_node = ops.segment_sum(grad, child_offsets, None)
+    mean = ops.segment_mean(grads, offsets, weights) if (need_w or need_lr) else None
+    if need[1] or need_w:
+        rate = lr_tensor if lr_tensor is not None else ctx.lr
+        g_grads, g_w = _mean_backward(-(grad * rate), grads, offsets, weights, mean, need[1],
+                                      need_w)
+    if need_lr:
+        g_lr = -_rate_grad(grad, mean, lr_tensor)
+    return g_node, g_grads, None, None, g_w, None, g_lr
+
+
+# -------------------------------------------------------------------------- reptile_update
+
+def _setup_reptile_update(ctx, inputs, output):
+    theta, phi, offsets, weights, eps, eps_tensor = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(theta, phi, offsets, weights, eps_tensor)
+
+
+def _reptile_update_backward(ctx, grad):
+    theta, phi, offsets, weights, eps_tensor = ctx.saved_tensors
+    need = _needs(ctx, 6)
+    need_w = need[3] and weights is not None
+    need_eps = need[5] and eps_tensor is not None
+    rate = eps_tensor if eps_tensor is not None else ctx.eps
+    g_theta = g_phi = g_w = g_eps = None
+    if need[0]:
+        g_theta = grad * (1 - rate)
+    mean = ops.segment_mean(phi, offsets, weights) if (need_w or need_eps) else None
+    if need[1] or need_w:
+        g_phi, g_w = _mean_backward(grad * rate, phi, offsets, weights, mean, need[1], need_w)
+    if need_eps:
+        g_eps = _rate_grad(grad, mean - theta, eps_tensor)
+    return g_theta, g_phi, None, g_w, None, g_eps
+
+
+torch.library.register_autograd("treepool::segment_sum", _segment_sum_backward,
+                                setup_context=_setup_segment)
+torch.library.register_autograd("treepool::segment_mean", _segment_mean_backward,
+                                setup_context=_setup_segment)
+torch.library.register_autograd("treepool::segment_broadcast", _segment_broadcast_backward,
+                                setup_context=_setup_broadcast)
+torch.library.register_autograd("treepool::tree_update", _tree_update_backward,
+                                setup_context=_setup_tree_update)
+torch.library.register_autograd("treepool::reptile_update", _reptile_update_backward,
+                                setup_context=_setup_reptile_update)

@@ -1,0 +1,279 @@
+"""Argument checks shared by the reference backend and the fake (meta) kernels.
+
+The native kernels run the same checks in C++ (csrc/checks.cpp) with the same
+messages, so that a bad argument raises the same exception on every backend:
+``TypeError`` for a wrong dtype, ``ValueError`` for everything else.
+
+Two kinds of check:
+- metadata checks (rank, shape, dtype, device) need no data and run everywhere,
+  also on fake tensors under torch.compile;
+- value checks (offsets, parents, weights) read the small index tensors and
+  run on concrete tensors only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _fail(op: str, message: str, kind=ValueError):
+    raise kind(f"treepool.{op}: {message}")
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(int(s)) for s in t.shape) + "]"
+
+
+def check_rows(op: str, name: str, t: Tensor) -> None:
+    """A [rows, P] floating buffer."""
+    if not isinstance(t, Tensor):
+        _fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+    if t.dim() != 2:
+        _fail(op, f"{name} must be a 2-D tensor [rows, P], got {t.dim()}-D")
+    if t.dtype not in FLOATING:
+        _fail(op, f"{name} must have a floating dtype (float32, float64, float16 or "
+                  f"bfloat16), got {t.dtype}", TypeError)
+
+
+def check_index(op: str, name: str, t: Tensor, what: str) -> None:
+    """A 1-D int64 index tensor such as offsets or parents."""
+    if not isinstance(t, Tensor):
+        _fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+    if t.dim() != 1:
+        _fail(op, f"{name} must be a 1-D tensor {what}, got {t.dim()}-D")
+    if t.dtype != torch.int64:
+        _fail(op, f"{name} must have dtype torch.int64, got {t.dtype}", TypeError)
+
+
+def check_same(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.device != ref.device:
+        _fail(op, f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_same_dtype(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.dtype != ref.dtype:
+        _fail(op, f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}",
+              TypeError)
+
+
+def check_segments(op: str, x_name: str, x: Tensor, offsets: Tensor,
+                   weights: Optional[Tensor]) -> int:
+    """Checks a [T, P] buffer, its offsets [C + 1] and optional weights [T]; returns C."""
+    check_rows(op, x_name, x)
+    check_index(op, "offsets", offsets, "[C + 1]")
+    check_same(op, "offsets", offsets, x_name, x)
+    if offsets.numel() == 0:
+        _fail(op, "offsets must have at least one element (offsets[0] = 0)")
+    if weights is not None:
+        if not isinstance(weights, Tensor):
+            _fail(op, f"weights must be a tensor or None, got {type(weights).__name__}",
+                  TypeError)
+        check_same(op, "weights", weights, x_name, x)
+        check_same_dtype(op, "weights", weights, x_name, x)
+        if weights.dim() != 1 or weights.shape[0] != x.shape[0]:
+            _fail(op, f"weights must have shape [T] = [{x.shape[0]}] (one per row of "
+                      f"{x_name}), got {_shape(weights)}")
+    return offsets.numel() - 1
+
+
+def check_rate(op: str, name: str, rate: Optional[Tensor], ref_name: str, ref: Tensor) -> None:
+    """A learning rate or step size given as a tensor: 0-d or [P]."""
+    if rate is None:
+        return
+    check_same(op, name, rate, ref_name, ref)
+    check_same_dtype(op, name, rate, ref_name, ref)
+    P = ref.shape[1]
+    if not (rate.dim() == 0 or (rate.dim() == 1 and rate.shape[0] == P)):
+        _fail(op, f"{name} must be a float, a 0-d tensor or a tensor of shape [P] = "
+                  f"[{P}], got shape {_shape(rate)}")
+
+
+def check_node_rows(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """A [rows, P] buffer that must match ref's device, dtype and P."""
+    check_rows(op, name, t)
+    check_same(op, name, t, ref_name, ref)
+    check_same_dtype(op, name, t, ref_name, ref)
+    if t.shape[1] != ref.shape[1]:
+        _fail(op, f"{name} has {t.shape[1]} columns but {ref_name} has {ref.shape[1]}")
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def check_offsets_values(op: str, offsets: Tensor, num_rows: int, x_name: str) -> None:
+    o = offsets.tolist()
+    if o[0] != 0:
+        _fail(op, f"offsets[0] must be 0, got {o[0]}")
+    for i in range(len(o) - 1):
+        if o[i] > o[i + 1]:
+            _fail(op, f"offsets must be non-decreasing, but offsets[{i}] = {o[i]} > "
+                      f"offsets[{i + 1}] = {o[i + 1]}")
+    if o[-1] != num_rows:
+        _fail(op, f"offsets[-1] must equal the number of rows of {x_name} ({num_rows}), "
+                  f"got {o[-1]}")
+
+
+def check_parents_values(op: str, parents: Tensor, num_nodes: int) -> None:
+    p = parents.tolist()
+    for i, v in enumerate(p):
+        if v < 0 or v >= num_nodes:
+            _fail(op, f"parents[{i}] = {v} is out of range for node_params with "
+                      f"{num_nodes} rows")
+        if i + 1 < len(p) and v > p[i + 1]:
+            _fail(op, f"parents must be non-decreasing (clusters in DFS order), but "
+                      f"parents[{i}] = {v} > parents[{i + 1}] = {p[i + 1]}")
+
+
+def check_weights_values(op: str, weights: Optional[Tensor]) -> None:
+    if weights is None:
+        return
+    bad = ~(weights.detach() >= 0)  # catches NaN too
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        _fail(op, f"weights must be non-negative, got weights[{i}] = "
+                  f"{float(weights[i]):g}")
+
+
+# ----------------------------------------------------------------------------- per op
+
+
+def segment_args(op: str, x_name: str, x: Tensor, offsets: Tensor,
+                 weights: Optional[Tensor], values: bool) -> int:
+    C = check_segments(op, x_name, x, offsets, weights)
+    if values:
+        check_offsets_values(op, offsets, x.shape[0], x_name)
+        check_weights_values(op, weights)
+    return C
+
+
+def tree_update_args(op: str, node_params: Tensor, grads: Tensor, offsets: Tensor,
+                     parents: Tensor, lr_tensor: Optional[Tensor],
+                     weights: Optional[Tensor], values: bool) -> int:
+    C = check_segments(op, "grads", grads, offsets, weights)
+    check_node_rows(op, "node_params", node_params, "grads", grads)
+    check_index(op, "parents", parents, "[C]")
+    check_same(op, "parents", parents, "grads", grads)
+    if parents.shape[0] != C:
+        _fail(op, f"parents must have shape [C] = [{C}] (one per cluster of offsets), "
+                  f"got {_shape(parents)}")
+    check_rate(op, "lr", lr_tensor, "grads", grads)
+    if values:
+        check_offsets_values(op, offsets, grads.shape[0], "grads")
+        check_parents_values(op, parents, node_params.shape[0])
+        check_weights_values(op, weights)
+    return C
+
+
+def reptile_update_args(op: str, theta: Tensor, phi: Tensor, offsets: Tensor,
+                        eps_tensor: Optional[Tensor], weights: Optional[Tensor],
+                        values: bool) -> int:
+    C = check_segments(op, "phi", phi, offsets, weights)
+    check_node_rows(op, "theta", theta, "phi", phi)
+    if theta.shape[0] != C:
+        _fail(op, f"theta must have one row per cluster: {C} rows (offsets has {C + 1} "
+                  f"entries), got {theta.shape[0]}")
+    check_rate(op, "eps", eps_tensor, "phi", phi)
+    if values:
+        check_offsets_values(op, offsets, phi.shape[0], "phi")
+        check_weights_values(op, weights)
+    return C
+
+
+def broadcast_args(op: str, g: Tensor, offsets: Tensor, weights: Optional[Tensor],
+                   num_rows: int, values: bool) -> int:
+    check_rows(op, "g", g)
+    check_index(op, "offsets", offsets, "[C + 1]")
+    check_same(op, "offsets", offsets, "g", g)
+    C = offsets.numel() - 1
+    if C < 0:
+        _fail(op, "offsets must have at least one element (offsets[0] = 0)")
+    if g.shape[0] != C:
+        _fail(op, f"g must have one row per cluster: {C} rows (offsets has {C + 1} "
+                  f"entries), got {g.shape[0]}")
+    if weights is not None:
+        check_same(op, "weights", weights, "g", g)
+        check_same_dtype(op, "weights", weights, "g", g)
+        if weights.dim() != 1 or weights.shape[0] != num_rows:
+            _fail(op, f"weights must have shape [T] = [{num_rows}] (one per output row), "
+                      f"got {_shape(weights)}")
+    if values:
+        check_offsets_values(op, offsets, num_rows, "the output")
+        check_weights_values(op, weights)
+    return C
+
+
+def _span(t: Tensor):
+    """Byte range [lo, hi) that a strided tensor touches in its storage."""
+    if t.numel() == 0:
+        return None
+    lo = t.data_ptr()
+    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return lo, lo + (extent + 1) * t.element_size()
+
+
+def overlaps(a: Tensor, b: Tensor) -> bool:
+    sa, sb = _span(a), _span(b)
+    return sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
+
+
+def same_memory(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+            and a.stride() == b.stride())
+
+
+def check_out(op: str, out: Tensor, out_name: str, ref: Tensor, ref_name: str,
+              C: int) -> None:
+    """An in-place destination: [C, P], same dtype/device as ref, unit column stride."""
+    if not isinstance(out, Tensor):
+        _fail(op, f"{out_name} must be a tensor, got {type(out).__name__}", TypeError)
+    check_same(op, out_name, out, ref_name, ref)
+    check_same_dtype(op, out_name, out, ref_name, ref)
+    want = [C, ref.shape[1]]
+    if list(out.shape) != want:
+        _fail(op, f"{out_name} must have shape [C, P] = [{want[0]}, {want[1]}], got "
+                  f"{_shape(out)}")
+    if out.numel() > 0 and out.shape[1] > 1 and out.stride(1) != 1:
+        _fail(op, f"{out_name} must have unit stride along its last dimension")
+    if out.shape[0] > 1 and out.shape[1] > 0 and out.stride(0) < out.shape[1]:
+        _fail(op, f"{out_name} has rows that overlap each other")
+
+
+def check_no_overlap(op: str, out_name: str, out: Tensor, name: str, t: Optional[Tensor]) -> None:
+    if t is not None and overlaps(out, t):
+        _fail(op, f"{out_name} must not overlap {name}")
+
+
+def check_tree_update_out(op: str, out: Tensor, node_params: Tensor, grads: Tensor,
+                          parents: Tensor, lr_tensor, weights, C: int, values: bool) -> None:
+    check_out(op, out, "out", grads, "grads", C)
+    for name, t in (("grads", grads), ("lr", lr_tensor), ("weights", weights)):
+        check_no_overlap(op, "out", out, name, t)
+    if overlaps(out, node_params):
+        identity = values and same_memory(out, node_params) and bool(
+            (parents == torch.arange(C, device=parents.device)).all())
+        if not identity:
+            _fail(op, "out may alias node_params only when it is the same tensor and "
+                      "parents[c] == c for every c; otherwise pass a separate buffer")
+
+
+def check_reptile_update_out(op: str, theta: Tensor, phi: Tensor, eps_tensor, weights) -> None:
+    if theta.numel() > 0 and theta.shape[1] > 1 and theta.stride(1) != 1:
+        _fail(op, "theta must have unit stride along its last dimension")
+    if theta.shape[0] > 1 and theta.shape[1] > 0 and theta.stride(0) < theta.shape[1]:
+        _fail(op, "theta has rows that overlap each other")
+    for name, t in (("phi", phi), ("eps", eps_tensor), ("weights", weights)):
+        check_no_overlap(op, "theta", theta, name, t)
+
+
+def as_rate(rate: Union[float, int, Tensor], name: str, op: str):
+    """Splits a user's lr/eps into (float, optional tensor) as the ops take it."""
+    if isinstance(rate, Tensor):
+        return 1.0, rate
+    if isinstance(rate, bool) or not isinstance(rate, (float, int)):
+        _fail(op, f"{name} must be a float or a tensor, got {type(rate).__name__}", TypeError)
+    return float(rate), None

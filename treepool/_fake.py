@@ -1,0 +1,59 @@
+"""Fake (meta) kernels of the native ops: output shapes and metadata checks, no data.
+
+torch.compile traces through them and meta tensors use them. The value checks
+(offsets, parents, weights) run in the real kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+lib = torch.library
+
+
+@lib.register_fake("treepool::segment_sum")
+def _segment_sum(x, offsets, weights=None):
+    C = _checks.segment_args("segment_sum", "x", x, offsets, weights, values=False)
+    return x.new_empty(C, x.shape[1])
+
+
+@lib.register_fake("treepool::segment_mean")
+def _segment_mean(x, offsets, weights=None):
+    C = _checks.segment_args("segment_mean", "x", x, offsets, weights, values=False)
+    return x.new_empty(C, x.shape[1])
+
+
+@lib.register_fake("treepool::segment_broadcast")
+def _segment_broadcast(g, offsets, weights, mean, num_rows):
+    _checks.broadcast_args("segment_broadcast", g, offsets, weights, num_rows, values=False)
+    return g.new_empty(num_rows, g.shape[1])
+
+
+@lib.register_fake("treepool::tree_update")
+def _tree_update(node_params, grads, offsets, parents, weights=None, lr=1.0, lr_tensor=None):
+    C = _checks.tree_update_args("tree_update", node_params, grads, offsets, parents,
+                                 lr_tensor, weights, values=False)
+    return grads.new_empty(C, grads.shape[1])
+
+
+@lib.register_fake("treepool::tree_update_")
+def _tree_update_(out, node_params, grads, offsets, parents, weights=None, lr=1.0,
+                  lr_tensor=None):
+    C = _checks.tree_update_args("tree_update_", node_params, grads, offsets, parents,
+                                 lr_tensor, weights, values=False)
+    _checks.check_out("tree_update_", out, "out", grads, "grads", C)
+
+
+@lib.register_fake("treepool::reptile_update")
+def _reptile_update(theta, phi, offsets, weights=None, eps=1.0, eps_tensor=None):
+    C = _checks.reptile_update_args("reptile_update", theta, phi, offsets, eps_tensor,
+                                    weights, values=False)
+    return phi.new_empty(C, phi.shape[1])
+
+
+@lib.register_fake("treepool::reptile_update_")
+def _reptile_update_(theta, phi, offsets, weights=None, eps=1.0, eps_tensor=None):
+    _checks.reptile_update_args("reptile_update_", theta, phi, offsets, eps_tensor, weights,
+                                values=False)

@@ -1,0 +1,162 @@
+"""Pairwise cosine similarity of task gradients, computed in chunks of P.
+
+For a gradient buffer ``G`` of shape [T, P] (one row per task),
+
+    S[i, j] = <g_i, g_j> / (||g_i|| * ||g_j||)
+
+The Gram matrix ``G @ G.T`` is accumulated over column chunks
+``G[:, a:b] @ G[:, a:b].T`` so that the extra memory is O(T * chunk_size)
+rather than O(T * P) whatever the size of P.  Each row is first divided by
+its largest |entry| (cosine similarity does not change), so squares neither
+underflow nor overflow; partial products are summed in float64, which keeps
+the result accurate for very large P.
+
+Zero rows: a task whose gradient is exactly zero has no direction.  It gets
+similarity 0 with every other task and 1 with itself, so ``S`` is always a
+valid similarity matrix (symmetric, unit diagonal, entries in [-1, 1]) and
+never contains NaN.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "gram_matrix",
+    "cosine_similarity_matrix",
+    "cross_cosine_similarity",
+    "cosine_distance_matrix",
+]
+
+# Default memory budget of one chunk, in elements of the [rows, chunk] slice.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _check_matrix(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [T, P] tensor, got shape {tuple(x.shape)}")
+    if not (x.is_floating_point()):
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half and bfloat16 products are done in float32; float64 stays float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _resolve_chunk(chunk_size: Optional[int], rows: int, cols: int) -> int:
+    if chunk_size is None:
+        return max(1, min(cols, DEFAULT_CHUNK_ELEMENTS // max(rows, 1)))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _row_scales(x: torch.Tensor, step: int, name: str) -> torch.Tensor:
+    """Largest |entry| of each row (1 for zero rows), computed chunk by chunk."""
+    scale = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[1], step):
+        scale = torch.maximum(scale, x[:, start:start + step].abs().amax(dim=1))
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"{name} contains non-finite values (inf or NaN)")
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _chunked_products(a: torch.Tensor, b: Optional[torch.Tensor], chunk_size: Optional[int]):
+    """Products of the rows of ``a`` and ``b`` (``b=None``: a with itself), each row
+    first divided by its largest |entry| so that squares neither underflow nor
+    overflow.  Returns (dot [M, N], |a_i|^2 [M], |b_j|^2 [N], scale_a, scale_b, dtype),
+    all in float64 and for the scaled rows."""
+    p = a.shape[1]
+    rows = a.shape[0] + (0 if b is None else b.shape[0])
+    step = _resolve_chunk(chunk_size, rows, p)
+    cdt = _compute_dtype(a.dtype if b is None else torch.promote_types(a.dtype, b.dtype))
+    scale_a = _row_scales(a, step, "grads" if b is None else "a").to(cdt)
+    scale_b = scale_a if b is None else _row_scales(b, step, "b").to(cdt)
+    m = a.shape[0]
+    n = m if b is None else b.shape[0]
+    dot = torch.zeros(m, n, dtype=torch.float64, device=a.device)
+    sq_a = torch.zeros(m, dtype=torch.float64, device=a.device)
+    sq_b = sq_a if b is None else torch.zeros(n, dtype=torch.float64, device=a.device)
+    for start in range(0, p, step):
+        ca = a[:, start:start + step].to(cdt) / scale_a[:, None]
+        sq_a += (ca * ca).sum(dim=1, dtype=torch.float64)
+        if b is None:
+            dot += (ca @ ca.T).to(torch.float64)
+        else:
+            cb = b[:, start:start + step].to(cdt) / scale_b[:, None]
+            sq_b += (cb * cb).sum(dim=1, dtype=torch.float64)
+            dot += (ca @ cb.T).to(torch.float64)
+    return dot, sq_a, sq_b, scale_a.double(), scale_b.double(), cdt
+
+
+def gram_matrix(grads: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Gram matrix ``grads @ grads.T`` of a [T, P] buffer, accumulated in float64 over chunks of P."""
+    _check_matrix(grads, "grads")
+    dot, _, _, scale, _, _ = _chunked_products(grads.detach(), None, chunk_size)
+    gram = (dot + dot.T) / 2
+    return gram * (scale[:, None] * scale[None, :])
+
+
+def _normalise(dot, sq_a, sq_b):
+    inv_a = torch.where(sq_a > 0, sq_a.rsqrt(), torch.zeros_like(sq_a))
+    inv_b = torch.where(sq_b > 0, sq_b.rsqrt(), torch.zeros_like(sq_b))
+    # outer product first, so that a symmetric dot gives an exactly symmetric result
+    return (dot * (inv_a[:, None] * inv_b[None, :])).clamp_(-1.0, 1.0)
+
+
+def cosine_similarity_matrix(grads: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Pairwise cosine similarity ``S[i, j] = <g_i, g_j> / (|g_i| |g_j|)`` of a [T, P] buffer.
+
+    Args:
+        grads: [T, P] floating tensor, one gradient per row (any device).
+        chunk_size: number of columns per chunk; ``None`` picks one so that a
+            chunk holds about ``DEFAULT_CHUNK_ELEMENTS`` elements.
+
+    Returns:
+        [T, T] symmetric tensor on ``grads.device``, float64 for float64 input
+        and float32 otherwise, with entries in [-1, 1] and a unit diagonal.
+        Zero rows have similarity 0 with every other row (1 with themselves).
+
+    Raises:
+        ValueError if ``grads`` is not 2-D or contains inf/NaN.
+    """
+    _check_matrix(grads, "grads")
+    dot, sq, _, _, _, cdt = _chunked_products(grads.detach(), None, chunk_size)
+    dot = (dot + dot.T) / 2
+    sim = _normalise(dot, sq, sq)
+    sim.fill_diagonal_(1.0)
+    return sim.to(cdt)
+
+
+def cross_cosine_similarity(a: torch.Tensor, b: torch.Tensor,
+                            chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Cosine similarity between the rows of ``a`` [M, P] and ``b`` [N, P] -> [M, N].
+
+    Same chunking and precision as :func:`cosine_similarity_matrix`; a zero row
+    has similarity 0 with everything (there is no diagonal here).
+    """
+    _check_matrix(a, "a")
+    _check_matrix(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same number of columns, got {a.shape[1]} and {b.shape[1]}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on the same device, got {a.device} and {b.device}")
+    dot, sq_a, sq_b, _, _, cdt = _chunked_products(a.detach(), b.detach(), chunk_size)
+    return _normalise(dot, sq_a, sq_b).to(cdt)
+
+
+def cosine_distance_matrix(grads: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Cosine distance ``D = 1 - S`` with ``S`` from :func:`cosine_similarity_matrix`.
+
+    Entries lie in [0, 2] and the diagonal is exactly 0.
+    """
+    dist = 1.0 - cosine_similarity_matrix(grads, chunk_size)
+    dist.fill_diagonal_(0.0)
+    return dist.clamp_(0.0, 2.0)

@@ -26,10 +26,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
+def nvcc_found() -> bool:
+    """A CUDA toolkit for BuildExtension: CUDA_HOME with bin/nvcc (or $PYTORCH_NVCC)."""
+    if CUDA_HOME is None:
+        return False
+    if os.environ.get("PYTORCH_NVCC"):
+        return True
+    return any(os.path.isfile(os.path.join(CUDA_HOME, "bin", name))
+               for name in ("nvcc", "nvcc.exe"))
+
+
 def with_cuda() -> bool:
     if os.environ.get("TREEPOOL_FORCE_CPU") == "1":
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    return torch.version.cuda is not None and nvcc_found()
 
 
 def sources(pattern):
@@ -42,7 +52,9 @@ def extension():
     if not with_cuda():
         return CppExtension("treepool._C", srcs, extra_compile_args={"cxx": cxx},
                             extra_link_args=["-fopenmp"])
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    # torch reads TORCH_CUDA_ARCH_LIST itself; unset or empty means our default list.
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     macros = [("TREEPOOL_WITH_CUDA", None), ("TREEPOOL_CUDA_ARCHS", f'"{archs}"')]
     return CUDAExtension(
         "treepool._C",

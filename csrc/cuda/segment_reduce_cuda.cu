@@ -1,0 +1,445 @@
+// CUDA kernels of the treepool reductions: segment_sum, segment_mean, tree_update and
+// reptile_update (and their in-place forms), one engine with four epilogues:
+//
+//   acc[c, p] = sum_{t = offsets[c]}^{offsets[c+1]-1} w_t x[t, p]    (float; double for float64)
+//   W_c       = sum_{t in c} w_t  (the row count when unweighted),  inv_c = W_c > 0 ? 1 / W_c : 0
+//   sum:      out[c, p] = acc[c, p]
+//   mean:     out[c, p] = acc[c, p] * inv_c
+//   tree:     out[c, p] = node[parents[c], p] - r_p * (acc[c, p] * inv_c)
+//   reptile:  out[c, p] = theta[c, p] + r_p * (acc[c, p] * inv_c - theta[c, p])
+//
+// Work partition. The unit of work is a range of ROWS, not a cluster: the T rows are
+// cut into J chunks of L rows, chunk j = [j L, min((j+1) L, T)), and one thread owns
+// VEC columns of one chunk (grid: x = column tiles, y = chunks). A thread walks its
+// chunk top to bottom and meets the clusters in order:
+//   - the cluster that started in an earlier chunk and runs into this one (at most
+//     one): its partial sum goes to scratch slot (j, 0);
+//   - the clusters that start in this chunk ("anchored" here; found by a binary search
+//     on the offsets): a cluster that also ends here is finished at once (epilogue);
+//     the last one may run past the chunk: its partial sum goes to slot (j, 1).
+// A second kernel finishes the clusters that cross chunk boundaries: the thread of
+// chunk j finishes the cluster that ends in chunk j, adding slot (j0, 1) and the slots
+// (j0 + 1 .. j, 0) in chunk order, where j0 is the chunk it starts in.
+//
+// Why rows and not clusters: every thread reads about L rows whatever the tree, so
+// the load is balanced for many small clusters, for a few long ones and for a tree
+// whose one cluster holds 90% of the rows; no long cluster is left to a few blocks.
+// Nothing needs the offsets on the host: the grid (tiles, ceil(J / by)) and the
+// scratch [2 J, P] depend on T and P only, and a thread finds its clusters with two
+// binary searches (log2 C cached loads). The alternative, a per-cluster chunk table,
+// would need a scan kernel or the offsets on the host (a synchronisation).
+//
+// Choice of J (make_plan): enough chunks for about kTargetThreads threads in the
+// grid, but
+//   - L * sizeof(T) >= 64 bytes (L >= 16 float rows, 32 half rows): the partial sums
+//     of a cluster cut by a chunk boundary cost 2 x 4 bytes per column (written, read
+//     back), a small fraction of the L rows the chunk reads;
+//   - J <= ceil(sqrt(T)): the second pass is one thread per column vector for each
+//     cut cluster, adding up to J partials (8 loads in flight); this bounds it by the
+//     first pass's per-thread work.
+// For P >= 1e6 the column tiles alone give >= 125k threads, so J is 1 to 5 and the
+// second pass is negligible; small P with many rows gets up to sqrt(T) chunks.
+//
+// Small P: a block is kThreads = bx * by threads; bx (a multiple of 32) covers the
+// row and the by rows of threads take by different chunks, so narrow rows still
+// fill the block.
+//
+// Vectorisation: when x, out, base and a per-column rate are 16-byte aligned and so
+// are their row strides, a thread's VEC = 16 / sizeof(T) columns are adjacent and
+// read / written with one 16-byte access (8 bf16/fp16, 4 float, 2 double); the last,
+// partial vector of a row is done element by element. Otherwise the same VEC
+// elements per thread are taken blockDim.x apart, with scalar coalesced accesses.
+// Rows are read four at a time before they are added (more loads in flight).
+//
+// Determinism: no atomics; each partial and each output element is written by one
+// thread, and every sum has a fixed order (rows in order inside a chunk, chunks in
+// order), given by the shapes alone, so results are the same run to run; the order is
+// the same on the vector and the scalar path.
+//
+// Robustness: offsets and parents are clamped into range on every read; rows read
+// are always inside the thread's chunk. With invalid offsets (possible only when the
+// binding cannot check them, during CUDA graph capture) the output is unspecified
+// but no access is out of bounds.
+#include "device_common.cuh"
+#include "kernels.h"
+
+namespace treepool {
+namespace cuda {
+namespace detail {
+namespace {
+
+constexpr int64_t kMinChunkBytes = 64;  // L * sizeof(T) >= this (see above)
+constexpr int kRowUnroll = 4;           // rows loaded before they are added
+constexpr int kCombineUnroll = 8;       // partial sums loaded before they are added
+
+template <typename T>
+struct ReduceParams {
+  using A = acc_t<T>;
+  const T* x;
+  int64_t x_stride;
+  const int64_t* offsets;
+  const T* weights;  // nullptr: unweighted
+  T* out;
+  int64_t out_stride;
+  const T* base;  // node_params (tree) or theta (reptile); may equal out
+  int64_t base_stride;
+  int64_t base_rows;
+  const int64_t* parents;
+  const T* rate_tensor;  // nullptr: `rate`
+  int64_t rate_stride;   // 0 (0-d) or 1 ([P])
+  A rate;
+  int epilogue;
+  int64_t num_rows, P, C;  // T, P, C
+  int64_t chunk_rows, chunks, padded_cols;  // the plan: L, J, row length of the scratch
+  A* part;   // [2 J, padded_cols] partial sums, slot (j, s) at row 2 j + s
+  A* wpart;  // [2 J] partial weight sums
+};
+
+// acc = sum_{t = r0}^{r1 - 1} w_t x[t] over the thread's columns, W = sum w_t (weighted
+// only), rows added in order.
+template <bool WEIGHTED, int VEC, bool VECTOR, typename T>
+__device__ __forceinline__ void sum_rows(const ReduceParams<T>& p, int64_t r0, int64_t r1,
+                                         const Cols<VEC, VECTOR>& cm, acc_t<T> (&acc)[VEC],
+                                         acc_t<T>& W) {
+  using A = acc_t<T>;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = A(0);
+  W = A(0);
+  int64_t r = r0;
+  for (; r + kRowUnroll <= r1; r += kRowUnroll) {
+    Vec<T, VEC> v[kRowUnroll];
+    A w[kRowUnroll];
+#pragma unroll
+    for (int i = 0; i < kRowUnroll; ++i) {
+      v[i] = load_cols(p.x + (r + i) * p.x_stride, cm);
+      w[i] = WEIGHTED ? Num<T>::to_acc(p.weights[r + i]) : A(1);
+    }
+#pragma unroll
+    for (int i = 0; i < kRowUnroll; ++i) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k)
+        acc[k] = WEIGHTED ? acc[k] + w[i] * Num<T>::to_acc(v[i].v[k])
+                          : acc[k] + Num<T>::to_acc(v[i].v[k]);
+      if (WEIGHTED) W += w[i];
+    }
+  }
+  for (; r < r1; ++r) {
+    const Vec<T, VEC> v = load_cols(p.x + r * p.x_stride, cm);
+    const A w = WEIGHTED ? Num<T>::to_acc(p.weights[r]) : A(1);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      acc[k] = WEIGHTED ? acc[k] + w * Num<T>::to_acc(v.v[k]) : acc[k] + Num<T>::to_acc(v.v[k]);
+    if (WEIGHTED) W += w;
+  }
+}
+
+// The rate of each of the thread's columns.
+template <int VEC, bool VECTOR, typename T>
+__device__ __forceinline__ void load_rates(const ReduceParams<T>& p, const Cols<VEC, VECTOR>& cm,
+                                           acc_t<T> (&r)[VEC]) {
+  if (p.rate_tensor == nullptr) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) r[k] = p.rate;
+  } else if (p.rate_stride == 0) {
+    const acc_t<T> v = Num<T>::to_acc(p.rate_tensor[0]);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) r[k] = v;
+  } else {
+    const Vec<T, VEC> v = load_cols(p.rate_tensor, cm);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) r[k] = Num<T>::to_acc(v.v[k]);
+  }
+}
+
+// Writes out[c] from the cluster's weighted sums and total weight W.
+template <int VEC, bool VECTOR, typename T>
+__device__ __forceinline__ void finish(const ReduceParams<T>& p, int64_t c,
+                                       const Cols<VEC, VECTOR>& cm, const acc_t<T> (&acc)[VEC],
+                                       acc_t<T> W) {
+  using A = acc_t<T>;
+  const A inv = W > A(0) ? A(1) / W : A(0);
+  A res[VEC];
+  switch (static_cast<Epilogue>(p.epilogue)) {
+    default:
+    case Epilogue::kSum:
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) res[k] = acc[k];
+      break;
+    case Epilogue::kMean:
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) res[k] = acc[k] * inv;
+      break;
+    case Epilogue::kTreeUpdate: {
+      // The parent row, clamped into node_params (checked on the host when possible).
+      const int64_t parent = clamp_to<int64_t>(p.parents[c], 0, p.base_rows - 1);
+      const Vec<T, VEC> from = load_cols(p.base + parent * p.base_stride, cm);
+      A r[VEC];
+      load_rates(p, cm, r);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) res[k] = Num<T>::to_acc(from.v[k]) - r[k] * (acc[k] * inv);
+      break;
+    }
+    case Epilogue::kReptile: {
+      const Vec<T, VEC> th = load_cols(p.base + c * p.base_stride, cm);
+      A r[VEC];
+      load_rates(p, cm, r);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A t0 = Num<T>::to_acc(th.v[k]);
+        res[k] = t0 + r[k] * (acc[k] * inv - t0);
+      }
+      break;
+    }
+  }
+  store_cols(p.out + c * p.out_stride, cm, res);
+}
+
+// Partial sums of chunk j into slot (j, s); the thread of column 0 stores W as well.
+template <int VEC, bool VECTOR, typename T>
+__device__ __forceinline__ void save_partial(const ReduceParams<T>& p, int64_t j, int s,
+                                             const Cols<VEC, VECTOR>& cm,
+                                             const acc_t<T> (&acc)[VEC], acc_t<T> W) {
+  using A = acc_t<T>;
+  A* row = p.part + (2 * j + s) * p.padded_cols;  // padded: every column k is inside
+  if (VECTOR) {
+    Vec<A, VEC> v;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v.v[k] = acc[k];
+    *reinterpret_cast<Vec<A, VEC>*>(row + cm.first) = v;
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) row[cm.at(k)] = acc[k];
+  }
+  if (cm.first == 0) p.wpart[2 * j + s] = W;
+}
+
+// The partial sums of slot (j, s) at the thread's columns.
+template <int VEC, bool VECTOR, typename T>
+__device__ __forceinline__ Vec<acc_t<T>, VEC> load_partial(const ReduceParams<T>& p, int64_t j,
+                                                           int s, const Cols<VEC, VECTOR>& cm) {
+  using A = acc_t<T>;
+  const A* row = p.part + (2 * j + s) * p.padded_cols;
+  Vec<A, VEC> v;
+  if (VECTOR) {
+    v = *reinterpret_cast<const Vec<A, VEC>*>(row + cm.first);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v.v[k] = row[cm.at(k)];
+  }
+  return v;
+}
+
+// First pass, one thread = (VEC columns, chunk j).
+template <bool WEIGHTED, int VEC, bool VECTOR, typename T>
+__device__ __forceinline__ void reduce_chunk(const ReduceParams<T>& p, int64_t j,
+                                             const Cols<VEC, VECTOR>& cm) {
+  using A = acc_t<T>;
+  const bool last = j + 1 == p.chunks;
+  const int64_t r_lo = j * p.chunk_rows;
+  const int64_t r_hi = chunk_end(j, p.chunk_rows, p.chunks, p.num_rows);
+  // Clusters anchored here: [c, c_end), those whose first row is in [r_lo, r_hi)
+  // (the last chunk also takes the empty clusters that start at T).
+  int64_t c = first_cluster_from(p.offsets, p.C, p.num_rows, r_lo);
+  const int64_t c_end = last ? p.C : first_cluster_from(p.offsets, p.C, p.num_rows, r_hi);
+  A acc[VEC];
+  A W;
+  if (c > 0) {  // cluster c - 1 started before this chunk: does it run into it?
+    const int64_t b = row_at(p.offsets, c - 1, p.num_rows);
+    const int64_t e = row_at(p.offsets, c, p.num_rows);
+    if (b < r_lo && e > r_lo) {
+      sum_rows<WEIGHTED>(p, r_lo, e < r_hi ? e : r_hi, cm, acc, W);
+      save_partial(p, j, 0, cm, acc, W);
+    }
+  }
+  if (c >= c_end) return;
+  // Cluster c owns rows [b, e) with b = offsets[c], e = offsets[c + 1]; the next
+  // cluster starts at this e, and its end is loaded one cluster ahead.
+  int64_t b = row_at(p.offsets, c, p.num_rows);
+  if (b < r_lo) b = r_lo;
+  int64_t e = row_at(p.offsets, c + 1, p.num_rows);
+  for (; c < c_end; ++c) {
+    const int64_t e_next = c + 1 < c_end ? row_at(p.offsets, c + 2, p.num_rows) : 0;
+    const int64_t stop = e < r_hi ? e : r_hi;
+    sum_rows<WEIGHTED>(p, b, stop, cm, acc, W);
+    if (e <= r_hi)
+      finish(p, c, cm, acc, WEIGHTED ? W : A(stop > b ? stop - b : 0));
+    else  // runs past the chunk (only the last anchored cluster can)
+      save_partial(p, j, 1, cm, acc, W);
+    b = e > r_lo ? e : r_lo;
+    e = e_next;
+  }
+}
+
+// Second pass, one thread = (VEC columns, chunk j): finishes the cluster that started
+// in an earlier chunk j0 and ends in chunk j, if there is one.
+template <bool WEIGHTED, int VEC, bool VECTOR, typename T>
+__device__ __forceinline__ void combine_chunk(const ReduceParams<T>& p, int64_t j,
+                                              const Cols<VEC, VECTOR>& cm) {
+  using A = acc_t<T>;
+  if (j == 0) return;
+  const bool last = j + 1 == p.chunks;
+  const int64_t r_lo = j * p.chunk_rows;
+  const int64_t r_hi = chunk_end(j, p.chunk_rows, p.chunks, p.num_rows);
+  const int64_t c = first_cluster_from(p.offsets, p.C, p.num_rows, r_lo);
+  if (c == 0) return;
+  const int64_t b = row_at(p.offsets, c - 1, p.num_rows);
+  const int64_t e = row_at(p.offsets, c, p.num_rows);
+  if (!(b < r_lo && e > r_lo)) return;  // no cluster runs into chunk j
+  if (!last && e > r_hi) return;        // it ends in a later chunk, which finishes it
+  int64_t j0 = b / p.chunk_rows;        // b < r_lo, so j0 < j
+  if (j0 > p.chunks - 1) j0 = p.chunks - 1;
+  // acc = slot (j0, 1) + slot (j0 + 1, 0) + ... + slot (j, 0), in this order; the
+  // slots are loaded kCombineUnroll at a time (independent loads in flight).
+  A acc[VEC];
+  const Vec<A, VEC> first = load_partial(p, j0, 1, cm);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = first.v[k];
+  A W = WEIGHTED ? p.wpart[2 * j0 + 1] : A(0);
+  int64_t m = j0 + 1;
+  for (; m + kCombineUnroll <= j + 1; m += kCombineUnroll) {
+    Vec<A, VEC> v[kCombineUnroll];
+#pragma unroll
+    for (int i = 0; i < kCombineUnroll; ++i) v[i] = load_partial(p, m + i, 0, cm);
+#pragma unroll
+    for (int i = 0; i < kCombineUnroll; ++i) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] += v[i].v[k];
+      if (WEIGHTED) W += p.wpart[2 * (m + i)];
+    }
+  }
+  for (; m <= j; ++m) {
+    const Vec<A, VEC> v = load_partial(p, m, 0, cm);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] += v.v[k];
+    if (WEIGHTED) W += p.wpart[2 * m];
+  }
+  finish(p, c - 1, cm, acc, WEIGHTED ? W : A(e - b));
+}
+
+template <int VEC, bool VECTOR, typename T>
+__global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const ReduceParams<T> p) {
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  if (j >= p.chunks) return;
+  const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(p.P);
+  if (cm.n == 0) return;
+  if (p.weights != nullptr)
+    reduce_chunk<true>(p, j, cm);
+  else
+    reduce_chunk<false>(p, j, cm);
+}
+
+template <int VEC, bool VECTOR, typename T>
+__global__ void __launch_bounds__(kThreads) segment_combine_kernel(const ReduceParams<T> p) {
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  if (j >= p.chunks) return;
+  const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(p.P);
+  if (cm.n == 0) return;
+  if (p.weights != nullptr)
+    combine_chunk<true>(p, j, cm);
+  else
+    combine_chunk<false>(p, j, cm);
+}
+
+Plan reduce_plan(const SegmentReduceArgs& a) {
+  const int eb = elem_bytes(a.dtype);
+  return make_plan(a.T, a.P, eb, kMinChunkBytes / eb, /*cap_sqrt=*/true);
+}
+
+// Scratch layout: partial sums [2 J, padded_cols], then partial weights [2 J].
+size_t partial_bytes(const SegmentReduceArgs& a, const Plan& pl) {
+  return align256(static_cast<size_t>(2 * pl.chunks) * static_cast<size_t>(pl.padded_cols) *
+                  static_cast<size_t>(acc_bytes(a.dtype)));
+}
+
+size_t workspace_bytes(const SegmentReduceArgs& a, const Plan& pl) {
+  if (pl.chunks <= 1) return 0;  // one chunk finishes every cluster itself
+  return partial_bytes(a, pl) +
+         align256(static_cast<size_t>(2 * pl.chunks) * static_cast<size_t>(acc_bytes(a.dtype)));
+}
+
+template <typename T>
+cudaError_t launch_reduce(const SegmentReduceArgs& a, const Plan& pl, void* workspace,
+                          cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int VEC = 16 / sizeof(T);
+  ReduceParams<T> p;
+  p.x = static_cast<const T*>(a.x);
+  p.x_stride = a.x_stride;
+  p.offsets = a.offsets;
+  p.weights = static_cast<const T*>(a.weights);
+  p.out = static_cast<T*>(a.out);
+  p.out_stride = a.out_stride;
+  p.base = static_cast<const T*>(a.base);
+  p.base_stride = a.base_stride;
+  p.base_rows = a.base_rows;
+  p.parents = a.parents;
+  p.rate_tensor = static_cast<const T*>(a.rate_tensor);
+  p.rate_stride = a.rate_stride;
+  p.rate = static_cast<A>(a.rate);
+  p.epilogue = static_cast<int>(a.epilogue);
+  p.num_rows = a.T;
+  p.P = a.P;
+  p.C = a.C;
+  p.chunk_rows = pl.rows;
+  p.chunks = pl.chunks;
+  p.padded_cols = pl.padded_cols;
+  p.part = nullptr;
+  p.wpart = nullptr;
+  if (pl.chunks > 1) {
+    p.part = static_cast<A*>(workspace);
+    p.wpart = reinterpret_cast<A*>(static_cast<char*>(workspace) + partial_bytes(a, pl));
+  }
+
+  const int eb = static_cast<int>(sizeof(T));
+  const bool uses_base = a.epilogue == Epilogue::kTreeUpdate || a.epilogue == Epilogue::kReptile;
+  bool vector = rows_aligned(a.x, a.x_stride, a.T, eb) &&
+                rows_aligned(a.out, a.out_stride, a.C, eb);
+  if (uses_base) vector = vector && rows_aligned(a.base, a.base_stride, a.base_rows, eb);
+  if (uses_base && a.rate_tensor != nullptr && a.rate_stride != 0)
+    vector = vector && rows_aligned(a.rate_tensor, 0, 1, eb);
+
+  const dim3 grid = pl.grid(), block = pl.block();
+  if (vector)
+    segment_reduce_kernel<VEC, true, T><<<grid, block, 0, stream>>>(p);
+  else
+    segment_reduce_kernel<VEC, false, T><<<grid, block, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || pl.chunks <= 1) return err;
+  if (vector)
+    segment_combine_kernel<VEC, true, T><<<grid, block, 0, stream>>>(p);
+  else
+    segment_combine_kernel<VEC, false, T><<<grid, block, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace detail
+
+size_t segment_reduce_workspace_bytes(const SegmentReduceArgs& args) {
+  if (args.C <= 0 || args.P <= 0 || args.T < 0) return 0;
+  return detail::workspace_bytes(args, detail::reduce_plan(args));
+}
+
+cudaError_t segment_reduce(const SegmentReduceArgs& a, void* workspace, cudaStream_t stream) {
+  if (a.T < 0 || a.P < 0 || a.C < 0) return cudaErrorInvalidValue;
+  if (a.C == 0 || a.P == 0) return cudaSuccess;  // empty output: nothing to launch
+  if (a.offsets == nullptr || a.out == nullptr || (a.T > 0 && a.x == nullptr))
+    return cudaErrorInvalidValue;
+  if (a.epilogue == Epilogue::kTreeUpdate &&
+      (a.base == nullptr || a.parents == nullptr || a.base_rows < 1))
+    return cudaErrorInvalidValue;
+  if (a.epilogue == Epilogue::kReptile && (a.base == nullptr || a.base_rows < a.C))
+    return cudaErrorInvalidValue;
+  const detail::Plan pl = detail::reduce_plan(a);
+  if (!pl.fits()) return cudaErrorInvalidConfiguration;
+  if (detail::workspace_bytes(a, pl) > 0 &&
+      (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 256 != 0))
+    return cudaErrorInvalidValue;
+  return detail::dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return detail::launch_reduce<T>(a, pl, workspace, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace treepool

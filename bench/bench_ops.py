@@ -1,0 +1,151 @@
+"""Kernel benchmark: tree_update and segment_mean, native against the PyTorch reference.
+
+For each (T tasks, C clusters, P parameters, tree shape, dtype) it reports the median
+time over repeats after warm-up, the achieved bandwidth (the bytes the op must move:
+every input read once, the output written once) and that bandwidth as a fraction of
+the machine's measured copy bandwidth (a large copy into a preallocated buffer, bytes
+read plus written; a clone, which pays page faults for its fresh allocation, is
+printed beside it).
+
+    python bench/bench_ops.py                 # the full table on the CPU
+    python bench/bench_ops.py --quick         # about a minute on 2 cores
+    python bench/bench_ops.py --device cuda --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import treepool  # noqa: E402
+from treepool import reference  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def level_offsets(T: int, C: int, shape: str) -> torch.Tensor:
+    """Cluster sizes of one tree level: equal ('balanced') or one cluster holding 90% of
+    the tasks and the rest shared by the others ('skewed')."""
+    if shape == "balanced" or C == 1:
+        sizes = [T // C + (1 if c < T % C else 0) for c in range(C)]
+    else:
+        big = max(1, min(T - (C - 1), round(0.9 * T)))
+        rest = T - big
+        sizes = [big] + [rest // (C - 1) + (1 if c < rest % (C - 1) else 0) for c in range(C - 1)]
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + s)
+    return torch.tensor(offsets, dtype=torch.int64)
+
+
+def configurations(args):
+    if args.quick:
+        return [(64, 8, 10**5, "balanced"), (64, 8, 10**6, "balanced"), (64, 8, 10**6, "skewed")]
+    rows = []
+    for P in (10**4, 10**5, 10**6, 10**7):
+        for shape in ("balanced", "skewed"):
+            rows.append((64, 8, P, shape))
+    for T in (16, 256):
+        rows.append((T, 8, 10**6, "balanced"))
+    if args.device == "cuda":
+        rows += [(T, 8, 10**8, s) for T in (16,) for s in ("balanced", "skewed")]
+    return rows
+
+
+def memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.7)
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(pages * 0.4)
+
+
+def bench_case(T, C, P, shape, dtype, device, args):
+    """The rows for one configuration: every op on every backend."""
+    offsets = level_offsets(T, C, shape).to(device)
+    parents = torch.zeros(C, dtype=torch.int64, device=device)
+    grads = torch.randn(T, P, device=device, dtype=dtype)
+    root = torch.randn(1, P, device=device, dtype=dtype)
+    out = torch.empty(C, P, device=device, dtype=dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    cases = {
+        ("tree_update", "native"): lambda: treepool.tree_update(root, grads, offsets, parents, 0.1),
+        ("tree_update", "native in-place"): lambda: treepool.tree_update_(out, root, grads, offsets,
+                                                                          parents, 0.1),
+        ("tree_update", "reference"): lambda: reference.tree_update(root, grads, offsets, parents, 0.1),
+        ("segment_mean", "native"): lambda: treepool.segment_mean(grads, offsets),
+        ("segment_mean", "reference"): lambda: reference.segment_mean(grads, offsets),
+    }
+    moved = {"tree_update": (T + 1 + C) * P * size, "segment_mean": (T + C) * P * size}
+    rows = []
+    for (op, backend), fn in cases.items():
+        if backend != "reference" and not treepool.native_available():
+            continue
+        once = common.median_time(fn, device, repeats=1, warmup=1)
+        repeats = max(3, min(args.repeats, int(args.seconds / max(once, 1e-6))))
+        t = common.median_time(fn, device, repeats=repeats, warmup=1)
+        rows.append(dict(op=op, backend=backend, T=T, C=C, P=P, tree=shape,
+                         dtype=str(dtype).replace("torch.", ""), ms=t * 1e3,
+                         gbs=moved[op] / t / 1e9))
+    for r in rows:
+        ref = next(x for x in rows if x["op"] == r["op"] and x["backend"] == "reference")
+        r["speedup"] = ref["ms"] / r["ms"]
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--quick", action="store_true", help="a few small cases, about a minute")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--seconds", type=float, default=2.0, help="time budget per case")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    common.progress("measuring copy bandwidth")
+    bw = common.copy_bandwidth(device, nbytes=(128 if args.quick else 512) * 2**20)
+    run = common.Run("bench_ops.py", args.device, common.machine_description(device),
+                     torch.__version__, common.command_line(), vars(bw))
+    budget = memory_budget(device)
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    if args.quick:
+        dtypes = dtypes[:1]
+    for T, C, P, shape in configurations(args):
+        for dtype in dtypes:
+            need = 3 * (T + 2 * C) * P * torch.empty((), dtype=dtype).element_size()
+            if need > budget:
+                run.notes.append(f"skipped T={T} P={P:.0e} {dtype}: needs ~{need / 2**30:.1f} GiB")
+                continue
+            common.progress(f"T={T} C={C} P={P:.0e} {shape} {dtype}")
+            run.rows += bench_case(T, C, P, shape, dtype, device, args)
+    common.progress_done()
+    for r in run.rows:
+        r["of_copy"] = r["gbs"] / bw.copy_gbs
+
+    print(f"# bench_ops on {run.machine} ({args.device}), torch {run.torch}")
+    print(f"copy bandwidth: {bw.copy_gbs:.1f} GB/s into a preallocated buffer, "
+          f"{bw.clone_gbs:.1f} GB/s by clone ({bw.nbytes / 2**20:.0f} MiB, read + write)\n")
+    print(common.markdown_table(run.rows, [
+        ("op", "op", None), ("backend", "backend", None), ("T", "T", None), ("C", "C", None),
+        ("P", "P", "{:.0e}"), ("tree", "tree", None), ("dtype", "dtype", None),
+        ("ms", "median ms", "{:.3f}"), ("gbs", "GB/s", "{:.1f}"),
+        ("of_copy", "of copy bw", "{:.0%}"), ("speedup", "vs reference", "{:.1f}x")]))
+    for note in run.notes:
+        print(f"- {note}")
+    if args.json:
+        run.write_json(args.json)
+    return run
+
+
+if __name__ == "__main__":
+    main()

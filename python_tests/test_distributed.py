@@ -1,0 +1,142 @@
+"""treepool.distributed: 2 and 3 Gloo ranks on loopback against the single-process ops.
+
+Each spawned rank builds the same random tree, takes its block of DFS rows, runs the
+sharded tree updates level by level (and their gradients), and compares its clusters
+with the single-process result computed on the whole batch. A failing assertion in a
+rank fails the spawn, hence the test. Every rank has a bounded timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import treepool
+from treepool.distributed import ShardedTree, even_split
+from treepool.tree import TaskTree
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with Gloo is not available")
+
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _random_tree(seed: int, num_tasks: int) -> TaskTree:
+    rng = np.random.default_rng(seed)
+    level1 = np.sort(rng.integers(0, 3, num_tasks))
+    level2 = level1 * 10 + rng.integers(0, 3, num_tasks)
+    return TaskTree.from_labels([level1, level2])
+
+
+def _cases(world_size: int, num_tasks: int):
+    """Row splits: even, uneven, and one with a rank holding no task."""
+    splits = [even_split(num_tasks, world_size)]
+    uneven = [1] * (world_size - 1) + [num_tasks - (world_size - 1)]
+    splits.append(uneven)
+    splits.append([0] + even_split(num_tasks, world_size - 1))
+    return splits
+
+
+def _full_updates(tree, grads, root, lr, weights):
+    """Single-process node parameters at every level."""
+    nodes, outs = root, []
+    for level in range(1, tree.depth + 1):
+        nodes = treepool.tree_update(nodes, grads, tree.offsets(level), tree.parents(level), lr,
+                                     weights)
+        outs.append(nodes)
+    return outs
+
+
+def _worker(rank: int, world_size: int, port: int, num_tasks: int, P: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        torch.manual_seed(0)  # the same data on every rank
+        tree = _random_tree(1, num_tasks)
+        grads = torch.randn(num_tasks, P, dtype=torch.float64)
+        weights = torch.rand(num_tasks, dtype=torch.float64) + 0.1
+        root = torch.randn(1, P, dtype=torch.float64)
+        lr = torch.rand(P, dtype=torch.float64)
+        for counts in _cases(world_size, num_tasks):
+            for w in (None, weights):
+                sharded = ShardedTree(tree, rows_per_rank=counts)
+                # forward: every level's clusters of this rank equal the full result
+                g_full = grads.clone().requires_grad_()
+                full = _full_updates(tree, g_full, root, lr, w)
+                g_local = sharded.local_rows(grads).clone().requires_grad_()
+                w_local = None if w is None else sharded.local_rows(w)
+                nodes = root
+                for level in range(1, tree.depth + 1):
+                    nodes = sharded.tree_update(nodes, g_local, level, lr, w_local)
+                    naive = sharded.naive_tree_update(_prev(sharded, full, level, root),
+                                                      g_local.detach(), level, lr, w_local)
+                    lv = sharded.level(level)
+                    expect = full[level - 1][lv.first:lv.first + lv.count]
+                    torch.testing.assert_close(nodes, expect, rtol=1e-12, atol=1e-12)
+                    torch.testing.assert_close(naive, expect, rtol=1e-12, atol=1e-12)
+                # backward: d(sum_c <probe_c, leaf_c>)/d grads, rows of this rank
+                probe = torch.randn(tree.num_clusters(tree.depth), P, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(7))
+                lv = sharded.level(tree.depth)
+                (full[-1] * probe).sum().backward()
+                (nodes * probe[lv.first:lv.first + lv.count]).sum().backward()
+                torch.testing.assert_close(g_local.grad, sharded.local_rows(g_full.grad),
+                                           rtol=1e-12, atol=1e-12)
+                # bytes: only spanning clusters travel
+                for level in range(1, tree.depth + 1):
+                    assert sharded.bytes_communicated(level, P, torch.float64) <= \
+                        sharded.bytes_communicated(level, P, torch.float64, naive=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def _prev(sharded, full, level, root):
+    """This rank's node params of level - 1 taken from the single-process result."""
+    if level == 1:
+        return root
+    lv = sharded.level(level - 1)
+    return full[level - 2][lv.first:lv.first + lv.count].detach()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_tree_update_matches_single_process(world_size):
+    ctx = mp.start_processes(_worker, args=(world_size, _free_port(), 11, 5),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = TIMEOUT_S + 60
+    start = time.monotonic()
+    while not ctx.join(timeout=5):
+        if time.monotonic() - start > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"ranks did not finish within {deadline} s")
+
+
+def test_sharded_tree_refuses_bad_split():
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        tree = _random_tree(0, 6)
+        with pytest.raises(ValueError, match="rows_per_rank must give 1 non-negative counts"):
+            ShardedTree(tree, rows_per_rank=[5])
+        sharded = ShardedTree(tree)
+        assert sharded.num_local_tasks == 6
+        assert all(sharded.bytes_communicated(k, 10, torch.float32) == 0
+                   for k in range(1, tree.depth + 1))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,215 @@
+"""Tasks sharded across processes with torch.distributed (DESIGN.md section 6).
+
+Every rank holds the same :class:`~treepool.tree.TaskTree` and a contiguous block of
+its tasks in DFS order. At each level, a rank reduces its own rows per cluster with
+the native kernels. Because a rank's rows are contiguous, only its first and last
+clusters can have tasks on other ranks: the sums and weight totals of those
+*spanning* clusters, and of no others, are all-reduced (NCCL on GPU, Gloo on CPU).
+Then every rank applies the same tree update (Garcia et al. 2021),
+
+    out[c] = node[parent(c)] - lr * S_c / W_c,   S_c = sum_{t in c} w_t g_t,  W_c = sum_{t in c} w_t
+
+for the clusters it holds, and keeps only those node parameters: the clusters that
+contain at least one of its tasks. The all-reduce is differentiable
+(``torch.distributed.nn.functional.all_reduce``), so outer gradients, second order
+included, cross ranks; summing every rank's meta-gradient gives the single-process one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import ops
+from .reference import accumulate_dtype
+from .tree import TaskTree
+
+Rate = Union[float, Tensor]
+
+
+@dataclass(frozen=True)
+class LocalLevel:
+    """What one rank needs of one tree level (cluster ids are the level's global ids)."""
+
+    first: int               # global id of this rank's first cluster
+    count: int               # number of clusters holding at least one of its rows
+    offsets: Tensor          # [count + 1] offsets into the rank's rows
+    parents: Tensor          # [count] rows of the rank's node params at the level above
+    spanning: Tensor         # [S] global ids of the clusters with rows on several ranks
+    local_spanning: Tensor   # [s] the rank's local indices of those it holds
+    slots: Tensor            # [s] their rows in the all-reduce buffer [S, P + 1]
+
+
+def _update(node_params: Tensor, parents: Tensor, S: Tensor, W: Tensor, lr: Rate,
+            dtype: torch.dtype) -> Tensor:
+    """node[parents] - lr * S / W (0 where W = 0), computed in S's dtype, rounded to dtype."""
+    positive = W > 0
+    inv = torch.where(positive, 1.0 / torch.where(positive, W, torch.ones_like(W)),
+                      torch.zeros_like(W))
+    rate = lr.to(S.dtype) if isinstance(lr, Tensor) else lr
+    base = node_params.to(S.dtype).index_select(0, parents)
+    return (base - rate * (S * inv[:, None])).to(dtype)
+
+
+def even_split(num_tasks: int, world_size: int) -> List[int]:
+    """Rows per rank, as even as possible, earlier ranks taking the remainder."""
+    base, extra = divmod(num_tasks, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+class ShardedTree:
+    """A TaskTree whose DFS rows are divided among the ranks of a process group.
+
+    tree: the same tree on every rank; rows_per_rank: how many DFS rows each rank
+    holds (default :func:`even_split`); group: the process group (default: world).
+    """
+
+    def __init__(self, tree: TaskTree, rows_per_rank: Optional[Sequence[int]] = None,
+                 group: Optional[dist.ProcessGroup] = None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("treepool.ShardedTree needs torch.distributed to be initialised "
+                               "(torch.distributed.init_process_group)")
+        self.tree, self.group = tree, group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        counts = list(rows_per_rank) if rows_per_rank is not None else even_split(
+            tree.num_tasks, self.world_size)
+        if len(counts) != self.world_size or any(int(c) < 0 for c in counts) \
+                or sum(counts) != tree.num_tasks:
+            raise ValueError(f"rows_per_rank must give {self.world_size} non-negative counts "
+                             f"summing to the tree's {tree.num_tasks} tasks, got {counts}")
+        self.bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.row_begin = int(self.bounds[self.rank])
+        self.row_end = int(self.bounds[self.rank + 1])
+        self._levels: List[Optional[LocalLevel]] = [None] + [
+            self._local_level(k) for k in range(1, tree.depth + 1)]
+        self._device_levels = {}
+
+    # ------------------------------------------------------------------ partition
+    def _clusters_of(self, offsets: np.ndarray, begin: int, end: int):
+        """Range [first, stop) of the non-empty clusters that meet rows [begin, end)."""
+        nonempty = offsets[1:] > offsets[:-1]
+        meets = nonempty & (offsets[:-1] < end) & (offsets[1:] > begin)
+        ids = np.flatnonzero(meets)
+        return (int(ids[0]), int(ids[-1]) + 1) if ids.size else (0, 0)
+
+    def _local_level(self, level: int) -> LocalLevel:
+        off = self.tree.offsets(level).numpy()
+        first, stop = self._clusters_of(off, self.row_begin, self.row_end)
+        n = self.row_end - self.row_begin
+        local_off = np.clip(off[first:stop + 1] - self.row_begin, 0, n) if stop > first \
+            else np.zeros(1, dtype=np.int64)
+        if level == 1:
+            parents = np.zeros(stop - first, dtype=np.int64)
+        else:
+            prev = self.tree.offsets(level - 1).numpy()
+            prev_first, _ = self._clusters_of(prev, self.row_begin, self.row_end)
+            parents = self.tree.parents(level).numpy()[first:stop] - prev_first
+        # The rank holding a cluster's first row and the one holding its last row.
+        nonempty = off[1:] > off[:-1]
+        first_rank = np.searchsorted(self.bounds, off[:-1], side="right") - 1
+        last_rank = np.searchsorted(self.bounds, off[1:] - 1, side="right") - 1
+        spanning = np.flatnonzero(nonempty & (first_rank != last_rank))
+        held = spanning[(spanning >= first) & (spanning < stop)]
+        slots = np.searchsorted(spanning, held)
+        as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64)
+        return LocalLevel(first, stop - first, as_tensor(local_off), as_tensor(parents),
+                          as_tensor(spanning), as_tensor(held - first), as_tensor(slots))
+
+    def level(self, level: int, device=None) -> LocalLevel:
+        """This rank's view of a level (1..depth), its tensors on ``device``."""
+        if not 1 <= level <= self.tree.depth:
+            raise ValueError(f"level must be in 1..{self.tree.depth}, got {level}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        key = (level, str(device))
+        if key not in self._device_levels:
+            lv = self._levels[level]
+            move = lambda t: t.to(device)
+            self._device_levels[key] = LocalLevel(lv.first, lv.count, move(lv.offsets),
+                                                  move(lv.parents), move(lv.spanning),
+                                                  move(lv.local_spanning), move(lv.slots))
+        return self._device_levels[key]
+
+    def local_rows(self, x: Tensor) -> Tensor:
+        """This rank's rows of a [T, ...] tensor already in DFS order."""
+        return x[self.row_begin:self.row_end]
+
+    @property
+    def num_local_tasks(self) -> int:
+        return self.row_end - self.row_begin
+
+    # ------------------------------------------------------------------ reductions
+    def _all_reduce(self, buffer: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and buffer.requires_grad:
+            from torch.distributed.nn.functional import all_reduce
+            return all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+        buffer = buffer.clone()
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+        return buffer
+
+    def cluster_sums(self, grads: Tensor, level: int, weights: Optional[Tensor] = None):
+        """(S, W) for the rank's clusters of ``level``, summed over every rank's rows:
+        S [count, P] = sum_t w_t g_t, W [count] = sum_t w_t, in float32 for half types.
+
+        grads: this rank's rows [num_local_tasks, P]; weights: their [num_local_tasks].
+        Only the spanning clusters' rows are all-reduced.
+        """
+        lv = self.level(level, grads.device)
+        acc = accumulate_dtype(grads.dtype)
+        S = ops.segment_sum(grads, lv.offsets, weights).to(acc)
+        if weights is None:
+            W = (lv.offsets[1:] - lv.offsets[:-1]).to(acc)
+        else:
+            W = ops.segment_sum(weights[:, None], lv.offsets).to(acc)[:, 0]
+        if lv.spanning.numel() == 0:
+            return S, W
+        buffer = torch.zeros(lv.spanning.numel(), grads.shape[1] + 1, dtype=acc,
+                             device=grads.device)
+        mine = torch.cat([S[lv.local_spanning], W[lv.local_spanning, None]], dim=1)
+        buffer = self._all_reduce(buffer.index_copy(0, lv.slots, mine))
+        total = buffer[lv.slots]
+        S = S.index_copy(0, lv.local_spanning, total[:, :-1])
+        W = W.index_copy(0, lv.local_spanning, total[:, -1])
+        return S, W
+
+    def tree_update(self, node_params: Tensor, grads: Tensor, level: int, lr: Rate,
+                    weights: Optional[Tensor] = None) -> Tensor:
+        """The rank's rows of :func:`treepool.tree_update` at ``level``.
+
+        node_params: the rank's node parameters of level - 1 ([1, P], the root, for
+        level 1), as returned by the previous call; grads: its rows [n, P].
+        Returns [count, P], the rank's clusters of ``level`` (``level(level).first`` is
+        the global id of the first).
+        """
+        S, W = self.cluster_sums(grads, level, weights)
+        return _update(node_params, self.level(level, grads.device).parents, S, W, lr,
+                       grads.dtype)
+
+    def naive_tree_update(self, node_params: Tensor, grads: Tensor, level: int, lr: Rate,
+                          weights: Optional[Tensor] = None) -> Tensor:
+        """The same update, all-reducing the sums of every cluster of the level: the
+        baseline the bench compares against (C x P communicated instead of S x P)."""
+        lv = self.level(level, grads.device)
+        full = self.tree.offsets(level, grads.device)
+        local = (full - self.row_begin).clamp(0, self.num_local_tasks)
+        acc = accumulate_dtype(grads.dtype)
+        S = ops.segment_sum(grads, local, weights).to(acc)
+        w = torch.ones(grads.shape[0], 1, dtype=acc, device=grads.device) if weights is None \
+            else weights.to(acc)[:, None]
+        W = ops.segment_sum(w, local)[:, 0]
+        total = self._all_reduce(torch.cat([S, W[:, None]], dim=1))
+        mine = slice(lv.first, lv.first + lv.count)
+        return _update(node_params, lv.parents, total[mine, :-1], total[mine, -1], lr,
+                       grads.dtype)
+
+    def bytes_communicated(self, level: int, num_params: int, dtype: torch.dtype,
+                           naive: bool = False) -> int:
+        """Bytes each rank sends into the all-reduce of one update at ``level``."""
+        rows = self.tree.num_clusters(level) if naive else int(self._levels[level].spanning.numel())
+        size = torch.empty((), dtype=accumulate_dtype(dtype)).element_size()
+        return rows * (num_params + 1) * size

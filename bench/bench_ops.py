@@ -1,4 +1,6 @@
-"""Kernel benchmark: tree_update and segment_mean, native against the PyTorch reference.
+"""Kernel benchmark: tree_update and segment_mean, native against the PyTorch reference
+and against the same pooling built from torch_scatter.segment_csr and from
+torch.segment_reduce when those are importable.
 
 For each (T tasks, C clusters, P parameters, tree shape, dtype) it reports the median
 time over repeats after warm-up, the achieved bandwidth (the bytes the op must move:
@@ -9,7 +11,8 @@ printed beside it).
 
     python bench/bench_ops.py                 # the full table on the CPU
     python bench/bench_ops.py --quick         # about a minute on 2 cores
-    python bench/bench_ops.py --device cuda --json out.json
+    python bench/bench_ops.py --device cuda --json out.json --plot ops.png
+    python bench/bench_ops.py --profile traces/   # torch.profiler trace of a few calls
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ import common  # noqa: E402
 
 import treepool  # noqa: E402
 from treepool import reference  # noqa: E402
+
+try:
+    import torch_scatter
+except ImportError:  # optional baseline
+    torch_scatter = None
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -46,17 +54,12 @@ def level_offsets(T: int, C: int, shape: str) -> torch.Tensor:
 
 
 def configurations(args):
+    """(T, C, P, tree shape) of every case; C = 8 clusters under the root."""
     if args.quick:
         return [(64, 8, 10**5, "balanced"), (64, 8, 10**6, "balanced"), (64, 8, 10**6, "skewed")]
-    rows = []
-    for P in (10**4, 10**5, 10**6, 10**7):
-        for shape in ("balanced", "skewed"):
-            rows.append((64, 8, P, shape))
-    for T in (16, 256):
-        rows.append((T, 8, 10**6, "balanced"))
-    if args.device == "cuda":
-        rows += [(T, 8, 10**8, s) for T in (16,) for s in ("balanced", "skewed")]
-    return rows
+    sizes = [10**4, 10**5, 10**6, 10**7] + ([10**8] if args.device == "cuda" else [])
+    return [(T, 8, P, shape) for T in (16, 64, 256, 1024) for P in sizes
+            for shape in ("balanced", "skewed")]
 
 
 def memory_budget(device: torch.device) -> int:
@@ -80,13 +83,22 @@ def bench_case(T, C, P, shape, dtype, device, args):
         ("tree_update", "native in-place"): lambda: treepool.tree_update_(out, root, grads, offsets,
                                                                           parents, 0.1),
         ("tree_update", "reference"): lambda: reference.tree_update(root, grads, offsets, parents, 0.1),
+        ("tree_update", "torch.segment_reduce"): lambda: root[parents] - 0.1 * torch.segment_reduce(
+            grads, "mean", offsets=offsets, axis=0, unsafe=True),
         ("segment_mean", "native"): lambda: treepool.segment_mean(grads, offsets),
         ("segment_mean", "reference"): lambda: reference.segment_mean(grads, offsets),
+        ("segment_mean", "torch.segment_reduce"): lambda: torch.segment_reduce(
+            grads, "mean", offsets=offsets, axis=0, unsafe=True),
     }
+    if torch_scatter is not None:
+        cases[("tree_update", "torch_scatter")] = lambda: root[parents] - 0.1 * \
+            torch_scatter.segment_csr(grads, offsets, reduce="mean")
+        cases[("segment_mean", "torch_scatter")] = lambda: torch_scatter.segment_csr(
+            grads, offsets, reduce="mean")
     moved = {"tree_update": (T + 1 + C) * P * size, "segment_mean": (T + C) * P * size}
     rows = []
     for (op, backend), fn in cases.items():
-        if backend != "reference" and not treepool.native_available():
+        if backend.startswith("native") and not treepool.native_available():
             continue
         once = common.median_time(fn, device, repeats=1, warmup=1)
         repeats = max(3, min(args.repeats, int(args.seconds / max(once, 1e-6))))
@@ -95,8 +107,10 @@ def bench_case(T, C, P, shape, dtype, device, args):
                          dtype=str(dtype).replace("torch.", ""), ms=t * 1e3,
                          gbs=moved[op] / t / 1e9))
     for r in rows:
-        ref = next(x for x in rows if x["op"] == r["op"] and x["backend"] == "reference")
-        r["speedup"] = ref["ms"] / r["ms"]
+        same_op = {x["backend"]: x["ms"] for x in rows if x["op"] == r["op"]}
+        r["speedup"] = same_op["reference"] / r["ms"]
+        if "torch_scatter" in same_op:
+            r["vs_scatter"] = same_op["torch_scatter"] / r["ms"]
     return rows
 
 
@@ -108,6 +122,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seconds", type=float, default=2.0, help="time budget per case")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--plot", help="write a PNG chart of the fraction of copy bandwidth here")
+    parser.add_argument("--profile", help="write a torch.profiler trace of a few calls here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -139,12 +155,41 @@ def main(argv=None):
         ("op", "op", None), ("backend", "backend", None), ("T", "T", None), ("C", "C", None),
         ("P", "P", "{:.0e}"), ("tree", "tree", None), ("dtype", "dtype", None),
         ("ms", "median ms", "{:.3f}"), ("gbs", "GB/s", "{:.1f}"),
-        ("of_copy", "of copy bw", "{:.0%}"), ("speedup", "vs reference", "{:.1f}x")]))
+        ("of_copy", "of copy bw", "{:.0%}"), ("speedup", "vs reference", "{:.1f}x"),
+        ("vs_scatter", "vs torch_scatter", "{:.1f}x")]))
+    if torch_scatter is None:
+        run.notes.append("torch_scatter is not installed: its rows are absent")
     for note in run.notes:
         print(f"- {note}")
     if args.json:
         run.write_json(args.json)
+    if args.plot:
+        common.bar_plot([dict(op=r["op"], backend=r["backend"], T=r["T"], P=f"{r['P']:.0e}",
+                              tree=r["tree"], dtype=r["dtype"], of_copy=r["of_copy"])
+                         for r in run.rows], args.plot, "of_copy", "fraction of copy bandwidth")
+    if args.profile:
+        profile_calls(args.profile, device)
     return run
+
+
+def profile_calls(directory: str, device: torch.device) -> None:
+    """A torch.profiler trace of a few native tree_update and segment_mean calls."""
+    grads = torch.randn(64, 10**6, device=device)
+    offsets = level_offsets(64, 8, "balanced").to(device)
+    parents = torch.zeros(8, dtype=torch.int64, device=device)
+    root = torch.randn(1, 10**6, device=device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    os.makedirs(directory, exist_ok=True)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            treepool.tree_update(root, grads, offsets, parents, 0.1)
+            treepool.segment_mean(grads, offsets)
+        common.sync(device)
+    path = os.path.join(directory, "bench_ops.json")
+    prof.export_chrome_trace(path)
+    print(f"profiler trace: {path}")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,26 @@ def progress(message: str) -> None:
 
 def progress_done() -> None:
     print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def bar_plot(rows: list, path: str, value_key: str, ylabel: str) -> None:
+    """A PNG bar chart, one bar per row labelled by its non-float fields; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"--plot: matplotlib is not installed, {path} not written")
+        return
+    labels = [" ".join(str(r[k]) for k in r if k not in (value_key,) and not isinstance(r[k], float))
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4.5))
+    ax.bar(range(len(rows)), [r[value_key] for r in rows])
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=75, ha="right", fontsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")

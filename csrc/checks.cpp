@@ -1,6 +1,7 @@
 // Argument checks; see checks.h. Every message here has a twin in treepool/_checks.py.
 #include "checks.h"
 
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -37,6 +38,7 @@ std::string shape_str(const Tensor& t) {
 
 // Python's "%g" of a double.
 std::string g_format(double v) {
+  if (std::isnan(v)) return "nan";  // printf may write "-nan"
   char buf[64];
   std::snprintf(buf, sizeof(buf), "%g", v);
   return buf;

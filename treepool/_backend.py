@@ -94,6 +94,11 @@ def native_has_device(device_type: str) -> bool:
     return _native_devices[device_type]
 
 
+# Ask the dispatcher now, not at the first call: torch.compile cannot trace the probe.
+for _device_type in ("cpu", "cuda", "meta"):
+    native_has_device(_device_type)
+
+
 def runs_native(t: torch.Tensor) -> bool:
     """Whether an op on tensor t goes to the compiled kernels."""
     return _active == "native" and native_has_device(t.device.type)

@@ -29,6 +29,17 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(int(s)) for s in t.shape) + "]"
 
 
+def check_types(op: str, tensors=(), optional=()) -> None:
+    """Arguments that must be tensors, and optional ones that must be tensors or None:
+    checked before dispatch, so that a list or a number never reaches the dispatcher."""
+    for name, t in tensors:
+        if not isinstance(t, Tensor):
+            _fail(op, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+    for name, t in optional:
+        if t is not None and not isinstance(t, Tensor):
+            _fail(op, f"{name} must be a tensor or None, got {type(t).__name__}", TypeError)
+
+
 def check_rows(op: str, name: str, t: Tensor) -> None:
     """A [rows, P] floating buffer."""
     if not isinstance(t, Tensor):
@@ -196,6 +207,9 @@ def broadcast_args(op: str, g: Tensor, offsets: Tensor, weights: Optional[Tensor
         _fail(op, f"g must have one row per cluster: {C} rows (offsets has {C + 1} "
                   f"entries), got {g.shape[0]}")
     if weights is not None:
+        if not isinstance(weights, Tensor):
+            _fail(op, f"weights must be a tensor or None, got {type(weights).__name__}",
+                  TypeError)
         check_same(op, "weights", weights, "g", g)
         check_same_dtype(op, "weights", weights, "g", g)
         if weights.dim() != 1 or weights.shape[0] != num_rows:

@@ -30,6 +30,7 @@ def segment_sum(x: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) ->
     x: [T, P] float32/float64/float16/bfloat16; offsets: [C + 1] int64; weights: [T].
     Returns [C, P]; an empty cluster gives 0. Half types accumulate in float32.
     """
+    _checks.check_types("segment_sum", [("x", x), ("offsets", offsets)], [("weights", weights)])
     if runs_native(x):
         return torch.ops.treepool.segment_sum(x, offsets, weights)
     return reference.segment_sum(x, offsets, weights)
@@ -42,6 +43,7 @@ def segment_mean(x: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) -
     The pooled gradient of TreeMAML (Garcia et al. 2021). A cluster that is empty or
     whose weights are all zero gives 0 (and passes back a zero gradient).
     """
+    _checks.check_types("segment_mean", [("x", x), ("offsets", offsets)], [("weights", weights)])
     if runs_native(x):
         return torch.ops.treepool.segment_mean(x, offsets, weights)
     return reference.segment_mean(x, offsets, weights)
@@ -55,7 +57,10 @@ def segment_broadcast(g: Tensor, offsets: Tensor, weights: Optional[Tensor] = No
     g: [C, P]; returns [T, P] with T = ``num_rows`` (default ``offsets[-1]``, which
     reads the offsets: pass it explicitly on CUDA or under torch.compile).
     """
+    _checks.check_types("segment_broadcast", [("g", g), ("offsets", offsets)],
+                        [("weights", weights)])
     if num_rows is None:
+        _checks.check_index("segment_broadcast", "offsets", offsets, "[C + 1]")
         num_rows = int(offsets[-1]) if offsets.numel() else 0
     if runs_native(g):
         return torch.ops.treepool.segment_broadcast(g, offsets, weights, mean, num_rows)
@@ -74,6 +79,9 @@ def tree_update(node_params: Tensor, grads: Tensor, offsets: Tensor, parents: Te
     [P] tensor (a per-parameter rate as in Meta-SGD, Li et al. 2017). Returns [C, P].
     """
     lr_value, lr_tensor = _checks.as_rate(lr, "lr", "tree_update")
+    _checks.check_types("tree_update", [("grads", grads), ("offsets", offsets),
+                                        ("node_params", node_params), ("parents", parents)],
+                        [("weights", weights)])
     if runs_native(grads):
         return torch.ops.treepool.tree_update(node_params, grads, offsets, parents, weights,
                                               lr_value, lr_tensor)
@@ -91,6 +99,8 @@ def reptile_update(theta: Tensor, phi: Tensor, offsets: Tensor, eps: Rate,
     phi: [T, P], the tasks' adapted parameters; eps: float, 0-d or [P] tensor.
     """
     eps_value, eps_tensor = _checks.as_rate(eps, "eps", "reptile_update")
+    _checks.check_types("reptile_update", [("phi", phi), ("offsets", offsets), ("theta", theta)],
+                        [("weights", weights)])
     if runs_native(phi):
         return torch.ops.treepool.reptile_update(theta, phi, offsets, weights, eps_value,
                                                  eps_tensor)
@@ -98,7 +108,7 @@ def reptile_update(theta: Tensor, phi: Tensor, offsets: Tensor, eps: Rate,
 
 
 def _refuse_autograd(op: str, *tensors: Optional[Tensor]) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors):
         raise RuntimeError(
             f"treepool.{op}: in-place ops do not record gradients; call it under "
             f"torch.no_grad() or use the out-of-place form")
@@ -113,6 +123,9 @@ def tree_update_(out: Tensor, node_params: Tensor, grads: Tensor, offsets: Tenso
     parents[c] == c for every c (an inner step that stays on the same level).
     """
     lr_value, lr_tensor = _checks.as_rate(lr, "lr", "tree_update_")
+    _checks.check_types("tree_update_", [("grads", grads), ("offsets", offsets),
+                                         ("node_params", node_params), ("parents", parents),
+                                         ("out", out)], [("weights", weights)])
     _refuse_autograd("tree_update_", out, node_params, grads, lr_tensor, weights)
     if runs_native(grads):
         torch.ops.treepool.tree_update_(out, node_params, grads, offsets, parents, weights,
@@ -126,6 +139,8 @@ def reptile_update_(theta: Tensor, phi: Tensor, offsets: Tensor, eps: Rate,
                     weights: Optional[Tensor] = None) -> Tensor:
     """:func:`reptile_update` applied to ``theta`` in place; returns ``theta``."""
     eps_value, eps_tensor = _checks.as_rate(eps, "eps", "reptile_update_")
+    _checks.check_types("reptile_update_", [("phi", phi), ("offsets", offsets), ("theta", theta)],
+                        [("weights", weights)])
     _refuse_autograd("reptile_update_", theta, phi, eps_tensor, weights)
     if runs_native(phi):
         torch.ops.treepool.reptile_update_(theta, phi, offsets, weights, eps_value, eps_tensor)

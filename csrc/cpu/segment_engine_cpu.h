@@ -93,8 +93,11 @@ void segment_reduce(const scalar_t* x, int64_t row_stride, int64_t T, int64_t P,
                     const Epilogue& epilogue) {
   if (C == 0 || P == 0) return;
   const int64_t blocks = (P + kBlock - 1) / kBlock;
+  // Rows are split only as far as every chunk still carries kMinWorkPerTask elements:
+  // a small op is not worth threads, and a second pass would only add to it.
   const int64_t row_splits = std::max<int64_t>(1, (kTargetUnits + blocks - 1) / blocks);
-  const int64_t chunk_rows = std::max<int64_t>(1, (T + row_splits - 1) / row_splits);
+  const int64_t chunk_rows = std::max<int64_t>(
+      {int64_t(1), (T + row_splits - 1) / row_splits, (kMinWorkPerTask + P - 1) / P});
   int64_t num_slots = 0;
   const std::vector<RowChunk> chunks = make_chunks(offsets, C, chunk_rows, &num_slots);
   const int64_t U = static_cast<int64_t>(chunks.size());
@@ -126,7 +129,9 @@ void segment_reduce(const scalar_t* x, int64_t row_stride, int64_t T, int64_t P,
     if (chunks[i].slot >= 0 && (i == 0 || chunks[i - 1].cluster != chunks[i].cluster))
       split_first.push_back(i);
   const int64_t S = static_cast<int64_t>(split_first.size());
-  at::parallel_for(0, blocks * S, 1, [&](int64_t u0, int64_t u1) {
+  const int64_t combine_grain =
+      std::max<int64_t>(1, kMinWorkPerTask * blocks * S / std::max<int64_t>(1, num_slots * P));
+  at::parallel_for(0, blocks * S, combine_grain, [&](int64_t u0, int64_t u1) {
     acc_t acc[kBlock];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / S;

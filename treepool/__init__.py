@@ -20,9 +20,45 @@ from .ops import (
 if native_available():
     from . import _autograd, _fake  # noqa: F401  (registrations of the native ops)
 
+from .flat_params import FlatParams
+from .tree import TaskTree
+from .soft_pooling import SoftTree, soft_broadcast, soft_segment_mean, soft_tree_update
+from .maml import MAML, InnerRate, TreeMAML
+from .learned_tree import LearnedTreeMAML
+from .reptile import Reptile, SequentialReptile, tree_mean_weights
+from .transference import (
+    affinity_tree,
+    choose_gradient,
+    itmtl_candidates,
+    lookahead_affinity,
+    lookahead_params,
+    pcgrad,
+    task_gradients,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlatParams",
+    "InnerRate",
+    "LearnedTreeMAML",
+    "MAML",
+    "Reptile",
+    "SequentialReptile",
+    "SoftTree",
+    "TaskTree",
+    "TreeMAML",
+    "affinity_tree",
+    "choose_gradient",
+    "itmtl_candidates",
+    "lookahead_affinity",
+    "lookahead_params",
+    "pcgrad",
+    "soft_broadcast",
+    "soft_segment_mean",
+    "soft_tree_update",
+    "task_gradients",
+    "tree_mean_weights",
     "get_backend",
     "native_available",
     "reptile_update",

@@ -135,6 +135,19 @@ class ShardedTree:
                                                   move(lv.local_spanning), move(lv.slots))
         return self._device_levels[key]
 
+    def segment_ids(self, level: int, device=None) -> Tensor:
+        """[num_local_tasks] index of each of the rank's rows among its clusters of ``level``."""
+        lv = self.level(level, device)
+        sizes = lv.offsets[1:] - lv.offsets[:-1]
+        return torch.repeat_interleave(torch.arange(lv.count, device=sizes.device), sizes,
+                                       output_size=self.num_local_tasks)
+
+    @property
+    def local_tasks(self) -> Tensor:
+        """Original ids of the rank's tasks, in its row order: rank r passes the data of
+        these tasks, in this order."""
+        return self.tree.perm[self.row_begin:self.row_end]
+
     def local_rows(self, x: Tensor) -> Tensor:
         """This rank's rows of a [T, ...] tensor already in DFS order."""
         return x[self.row_begin:self.row_end]
@@ -178,17 +191,19 @@ class ShardedTree:
         return S, W
 
     def tree_update(self, node_params: Tensor, grads: Tensor, level: int, lr: Rate,
-                    weights: Optional[Tensor] = None) -> Tensor:
+                    weights: Optional[Tensor] = None, same_level: bool = False) -> Tensor:
         """The rank's rows of :func:`treepool.tree_update` at ``level``.
 
         node_params: the rank's node parameters of level - 1 ([1, P], the root, for
-        level 1), as returned by the previous call; grads: its rows [n, P].
-        Returns [count, P], the rank's clusters of ``level`` (``level(level).first`` is
-        the global id of the first).
+        level 1), as returned by the previous call, or of ``level`` itself when
+        ``same_level`` (a further inner step on the same level: parents[c] = c);
+        grads: its rows [n, P]. Returns [count, P], the rank's clusters of ``level``
+        (``level(level).first`` is the global id of the first).
         """
         S, W = self.cluster_sums(grads, level, weights)
-        return _update(node_params, self.level(level, grads.device).parents, S, W, lr,
-                       grads.dtype)
+        lv = self.level(level, grads.device)
+        parents = torch.arange(lv.count, device=grads.device) if same_level else lv.parents
+        return _update(node_params, parents, S, W, lr, grads.dtype)
 
     def naive_tree_update(self, node_params: Tensor, grads: Tensor, level: int, lr: Rate,
                           weights: Optional[Tensor] = None) -> Tensor:
@@ -213,3 +228,26 @@ class ShardedTree:
         rows = self.tree.num_clusters(level) if naive else int(self._levels[level].spanning.numel())
         size = torch.empty((), dtype=accumulate_dtype(dtype)).element_size()
         return rows * (num_params + 1) * size
+
+
+def all_reduce_mean(rows: Tensor, weights: Optional[Tensor] = None,
+                    group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """[P] weighted mean of the rows of every rank: sum_t w_t x_t / sum_t w_t, one
+    all-reduce of P + 1 numbers (Reptile's pooled phi over sharded tasks)."""
+    acc = accumulate_dtype(rows.dtype)
+    offsets = torch.tensor([0, rows.shape[0]], dtype=torch.int64, device=rows.device)
+    S = ops.segment_sum(rows, offsets, weights).to(acc)[0]
+    W = (torch.tensor(float(rows.shape[0]), dtype=acc, device=rows.device) if weights is None
+         else weights.to(acc).sum())
+    total = torch.cat([S, W[None]])
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    W = total[-1]
+    return (total[:-1] / W if W > 0 else torch.zeros_like(total[:-1])).to(rows.dtype)
+
+
+def sync_grads(module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Sum every parameter's .grad over the ranks (a missing .grad counts as 0)."""
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)

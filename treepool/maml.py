@@ -117,6 +117,10 @@ class TreeMAML(MetaLearnerBase):
             leaves use the parameters of their level-K node.
         loss_fn: default ``loss_fn(prediction, target) -> scalar`` (MSE).
         randomness: ``torch.func.vmap`` randomness ('error', 'different', 'same').
+        process_group: shard the tasks over the ranks of this torch.distributed group
+            (e.g. ``torch.distributed.group.WORLD``); each rank passes the data of
+            :meth:`local_tasks` and calls :meth:`sync_grads` after ``backward()``.
+        rows_per_rank: tasks per rank in DFS order (default: as even as possible).
 
     ``parameters()`` are the meta-parameters (theta and the learnable rates): use any
     ``torch.optim`` optimizer on them.  Data are tensors [T, n, ...] in the ORIGINAL
@@ -126,7 +130,8 @@ class TreeMAML(MetaLearnerBase):
     def __init__(self, model: nn.Module, tree: Union[TaskTree, SoftTree, None] = None,
                  inner_lr: Union[float, Tensor] = 0.01, lr_mode: str = "fixed",
                  first_order: bool = False, inner_steps: Optional[int] = None,
-                 loss_fn: LossFn = F.mse_loss, randomness: str = "error"):
+                 loss_fn: LossFn = F.mse_loss, randomness: str = "error", *,
+                 process_group=None, rows_per_rank=None):
         super().__init__(model, randomness)
         if tree is not None and not isinstance(tree, (TaskTree, SoftTree)):
             raise TypeError(f"tree must be a TaskTree, a SoftTree or None, got {type(tree).__name__}")
@@ -137,6 +142,8 @@ class TreeMAML(MetaLearnerBase):
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
         self.tree = tree
+        self.process_group, self.rows_per_rank = process_group, rows_per_rank
+        self._sharded = {}
         self.inner_steps = inner_steps
         self.first_order = bool(first_order)
         self.loss_fn = loss_fn
@@ -151,7 +158,12 @@ class TreeMAML(MetaLearnerBase):
             raise ValueError("no tree: pass tree= to the constructor or to this call")
         if not isinstance(tree, (TaskTree, SoftTree)):
             raise TypeError(f"tree must be a TaskTree or a SoftTree, got {type(tree).__name__}")
-        if tree.num_tasks != num_tasks:
+        if self.distributed and isinstance(tree, TaskTree):
+            local = self.sharded(tree).num_local_tasks
+            if num_tasks != local:
+                raise ValueError(f"this rank holds {local} of the tree's {tree.num_tasks} tasks "
+                                 f"(local_tasks()) but the data have {num_tasks}")
+        elif tree.num_tasks != num_tasks:
             raise ValueError(f"the data have {num_tasks} tasks but the tree has {tree.num_tasks}")
         return tree
 
@@ -174,6 +186,59 @@ class TreeMAML(MetaLearnerBase):
             seg, prev = tree.segment_ids(level, dev), level
         return node, seg
 
+    # ----------------------------------------------------------------- distributed
+
+    @property
+    def distributed(self) -> bool:
+        """True when tasks are sharded over the ranks of ``process_group``."""
+        return self.process_group is not None
+
+    def sharded(self, tree: TaskTree):
+        """The :class:`~treepool.distributed.ShardedTree` of ``tree`` over the group."""
+        from .distributed import ShardedTree
+
+        key = id(tree)
+        if key not in self._sharded or self._sharded[key].tree is not tree:
+            self._sharded[key] = ShardedTree(tree, self.rows_per_rank, self.process_group)
+        return self._sharded[key]
+
+    def local_tasks(self, tree: Optional[TaskTree] = None) -> Tensor:
+        """With a process group: the original ids of the tasks whose data this rank
+        passes, in the order it passes them (its block of the tree's DFS order)."""
+        tree = self.tree if tree is None else tree
+        if not isinstance(tree, TaskTree):
+            raise ValueError("local_tasks needs a TaskTree: pass tree= here or to the constructor")
+        return self.sharded(tree).local_tasks
+
+    def sync_grads(self) -> None:
+        """With a process group: sum the meta-parameters' gradients over the ranks,
+        after ``meta_loss(...).backward()`` on every rank; then step the optimizer."""
+        from .distributed import sync_grads
+
+        sync_grads(self, self.process_group)
+
+    def _inner_sharded(self, sharded, xs: Tensor, ys: Tensor, loss_fn: LossFn,
+                       create_graph: bool) -> Tensor:
+        """Inner loop over this rank's rows only; returns their leaf parameters [n, P]."""
+        dev = self.theta.device
+        node, seg, prev = self.theta[None], None, 0
+        n = sharded.num_local_tasks
+        if n == 0:
+            # The collectives of backward must run on every rank in the same order; a
+            # rank without tasks would have no graph to run them from.
+            raise ValueError("with a process group every rank must hold at least one task "
+                             "(see rows_per_rank)")
+        for k in range(self.inner_steps):
+            level = min(k + 1, sharded.tree.depth)
+            params = node.expand(n, -1) if seg is None else node.index_select(0, seg)
+            grads = self.fn.grads(params, xs, ys, loss_fn)
+            if not create_graph:
+                grads = grads.detach()
+            node = sharded.tree_update(node, grads, level, self.inner_rate(k),
+                                       same_level=level == prev)
+            seg, prev = sharded.segment_ids(level, dev), level
+        return node.index_select(0, seg)
+
     def _inner_soft(self, tree: SoftTree, xs: Tensor, ys: Tensor, loss_fn: LossFn,
                     create_graph: bool) -> Tensor:
         """Inner loop with soft pooling; rows in original order. Returns phi [T, P]."""
@@ -194,6 +259,11 @@ class TreeMAML(MetaLearnerBase):
         """Leaf parameters of every task, [T, P], and the tree whose DFS order the rows
         are in (None: original task order)."""
         create_graph = self._create_graph()
+        if self.distributed:
+            if not isinstance(tree, TaskTree):
+                raise TypeError("a process group needs a TaskTree (soft trees are not sharded)")
+            return self._inner_sharded(self.sharded(tree), support_x, support_y, loss_fn,
+                                       create_graph), None
         if isinstance(tree, SoftTree):
             return self._inner_soft(tree, support_x, support_y, loss_fn, create_graph), None
         node, seg = self._inner_hard(tree, tree.permute_rows(support_x), tree.permute_rows(support_y),
@@ -226,15 +296,22 @@ class TreeMAML(MetaLearnerBase):
 
         ``reduction='none'`` returns the [T] per-task query losses (original order).
         Call ``.backward()`` on the result and step any optimizer on ``parameters()``.
+
+        With a process group, each rank passes the data of ``local_tasks()`` (in that
+        order) and gets its share of the mean; after ``backward()`` on every rank,
+        :meth:`sync_grads` sums the gradients into the single-process meta-gradient.
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         loss_fn = loss_fn or self.loss_fn
         T = self._check_batch(support_x, support_y, query_x, query_y)
-        rows, order = self._leaf_rows(support_x, support_y, loss_fn, self._tree(tree, T))
+        tree = self._tree(tree, T)
+        rows, order = self._leaf_rows(support_x, support_y, loss_fn, tree)
         if order is not None:
             query_x, query_y = order.permute_rows(query_x), order.permute_rows(query_y)
         losses = self.fn.losses(rows, query_x, query_y, loss_fn)
+        if reduction == "mean" and self.distributed:
+            return losses.sum() / tree.num_tasks  # summed over the ranks: the mean
         if reduction == "mean":
             return losses.mean()
         return losses if order is None else order.unpermute_rows(losses)
@@ -259,14 +336,19 @@ class MAML(TreeMAML):
     def __init__(self, model: nn.Module, num_tasks: Optional[int] = None,
                  inner_lr: Union[float, Tensor] = 0.01, inner_steps: int = 1,
                  lr_mode: str = "fixed", first_order: bool = False,
-                 loss_fn: LossFn = F.mse_loss, randomness: str = "error"):
+                 loss_fn: LossFn = F.mse_loss, randomness: str = "error", *,
+                 process_group=None, rows_per_rank=None):
+        if process_group is not None and num_tasks is None:
+            raise ValueError("MAML with a process group needs num_tasks (all ranks' tasks)")
         tree = None if num_tasks is None else TaskTree.flat(num_tasks, inner_steps)
         super().__init__(model, tree, inner_lr=inner_lr, lr_mode=lr_mode, first_order=first_order,
-                         inner_steps=inner_steps, loss_fn=loss_fn, randomness=randomness)
+                         inner_steps=inner_steps, loss_fn=loss_fn, randomness=randomness,
+                         process_group=process_group, rows_per_rank=rows_per_rank)
         self._flat_trees = {}
 
     def _tree(self, tree, num_tasks: int):
-        if tree is None and (self.tree is None or self.tree.num_tasks != num_tasks):
+        if tree is None and not self.distributed and (
+                self.tree is None or self.tree.num_tasks != num_tasks):
             tree = self._flat_trees.get(num_tasks)
             if tree is None:
                 tree = self._flat_trees[num_tasks] = TaskTree.flat(num_tasks, self.inner_steps)

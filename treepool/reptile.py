@@ -86,6 +86,9 @@ class Reptile(MetaLearnerBase):
             Reptile (pool phi per cluster, from the leaves up).
         batch_size: examples per inner step drawn from each task's data (None: all).
         loss_fn: ``loss_fn(prediction, target) -> scalar`` (default MSE).
+        process_group, rows_per_rank: shard the tasks over torch.distributed ranks;
+            each rank passes its own tasks (with a tree, those of
+            ``ShardedTree(tree, rows_per_rank).local_tasks``) and pooling all-reduces.
 
     ``parameters()`` is theta, one [P] tensor.
     """
@@ -93,10 +96,12 @@ class Reptile(MetaLearnerBase):
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
                  outer_lr: Union[float, Tensor] = 0.1, tree: Optional[TaskTree] = None,
                  batch_size: Optional[int] = None, loss_fn: LossFn = F.mse_loss,
-                 randomness: str = "error", generator: Optional[torch.Generator] = None):
+                 randomness: str = "error", generator: Optional[torch.Generator] = None, *,
+                 process_group=None, rows_per_rank=None):
         super().__init__(model, randomness)
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        self.process_group, self.rows_per_rank = process_group, rows_per_rank
         if tree is not None and not isinstance(tree, TaskTree):
             raise TypeError(f"tree must be a TaskTree or None, got {type(tree).__name__}")
         self.inner_lr = float(inner_lr)
@@ -132,16 +137,38 @@ class Reptile(MetaLearnerBase):
         weights = tree_mean_weights(tree, phi.dtype, phi.device)
         return tree.permute_rows(phi), offsets, weights
 
+    def _sharded_pool_args(self, phi: Tensor, tree: Optional[TaskTree]):
+        """With a process group: the mean over every rank's tasks, as one row to pool."""
+        from .distributed import ShardedTree, all_reduce_mean
+
+        tree = self.tree if tree is None else tree
+        weights = None
+        if tree is not None:
+            sharded = ShardedTree(tree, self.rows_per_rank, self.process_group)
+            if phi.shape[0] != sharded.num_local_tasks:
+                raise ValueError(f"this rank holds {sharded.num_local_tasks} of the tree's "
+                                 f"{tree.num_tasks} tasks but the data have {phi.shape[0]}")
+            weights = sharded.local_rows(tree_mean_weights(tree, phi.dtype, phi.device))
+        mean = all_reduce_mean(phi, weights, self.process_group)
+        return mean[None], torch.tensor([0, 1], dtype=torch.int64, device=phi.device), None
+
     def pooled(self, phi: Tensor, tree: Optional[TaskTree] = None) -> Tensor:
-        """[P] mean of phi (the tree mean for hierarchical Reptile)."""
-        rows, offsets, weights = self._pool_args(phi, tree)
+        """[P] mean of phi (the tree mean for hierarchical Reptile); with a process
+        group, over every rank's tasks (each rank passes its own; with a tree, those of
+        its block of the DFS order, as for :class:`~treepool.TreeMAML`)."""
+        rows, offsets, weights = self._pool(phi, tree)
         return ops.segment_mean(rows, offsets, weights)[0]
+
+    def _pool(self, phi: Tensor, tree: Optional[TaskTree]):
+        if self.process_group is not None:
+            return self._sharded_pool_args(phi, tree)
+        return self._pool_args(phi, tree)
 
     def step(self, x: Tensor, y: Tensor, loss_fn: Optional[LossFn] = None, *,
              eps: Union[float, Tensor, None] = None, tree: Optional[TaskTree] = None) -> Tensor:
         """One Reptile meta-step, theta updated in place (reptile_update_); returns phi."""
         phi = self.adapt(x, y, loss_fn)
-        rows, offsets, weights = self._pool_args(phi, tree)
+        rows, offsets, weights = self._pool(phi, tree)
         eps = self.outer_lr if eps is None else eps
         with torch.no_grad():
             ops.reptile_update_(self.theta[None], rows, offsets, eps, weights)

@@ -42,9 +42,15 @@ class TaskFunctions:
             return loss_fn(self.forward(row, x), y)
         return task_loss
 
-    def grads(self, params: Tensor, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
-        """[T, P] gradients: row t is d loss_fn(module_{params[t]}(x[t]), y[t]) / d params[t]."""
-        fn = torch.func.vmap(torch.func.grad(self.loss(loss_fn)), randomness=self.randomness)
+    def grads(self, params: Tensor, x: Tensor, y: Tensor, loss_fn: LossFn,
+              shared: bool = False) -> Tensor:
+        """[T, P] gradients: row t is d loss_fn(module_{params[t]}(x[t]), y[t]) / d params[t].
+
+        ``shared``: params is one [P] row for every task (the first inner step), so the
+        forward multiplies all tasks' inputs by the same weights (one GEMM, not T).
+        """
+        fn = torch.func.vmap(torch.func.grad(self.loss(loss_fn)),
+                             in_dims=(None if shared else 0, 0, 0), randomness=self.randomness)
         return fn(params, x, y)
 
     def losses(self, params: Tensor, x: Tensor, y: Tensor, loss_fn: LossFn,

@@ -95,6 +95,11 @@ class InnerRate(nn.Module):
         return f"mode={self.mode!r}, shape={tuple(self.rate.shape)}"
 
 
+def _rows_of(node: Tensor, seg: Tensor) -> Tensor:
+    """node[seg], without a copy when every task has its own node (seg = arange)."""
+    return node if node.shape[0] == seg.shape[0] else node.index_select(0, seg)
+
+
 def _arange(n: int, device) -> Tensor:
     return torch.arange(n, dtype=torch.int64, device=device)
 
@@ -174,11 +179,9 @@ class TreeMAML(MetaLearnerBase):
         node = self.theta[None]
         seg = None
         prev = 0
-        T = tree.num_tasks
         for k in range(self.inner_steps):
             level = min(k + 1, tree.depth)
-            params = node.expand(T, -1) if seg is None else node.index_select(0, seg)
-            grads = self.fn.grads(params, xs, ys, loss_fn)
+            grads = self._task_grads(node, seg, xs, ys, loss_fn)
             if not create_graph:
                 grads = grads.detach()
             parents = tree.parents(level, dev) if level != prev else _arange(node.shape[0], dev)
@@ -222,22 +225,28 @@ class TreeMAML(MetaLearnerBase):
         """Inner loop over this rank's rows only; returns their leaf parameters [n, P]."""
         dev = self.theta.device
         node, seg, prev = self.theta[None], None, 0
-        n = sharded.num_local_tasks
-        if n == 0:
+        if sharded.num_local_tasks == 0:
             # The collectives of backward must run on every rank in the same order; a
             # rank without tasks would have no graph to run them from.
             raise ValueError("with a process group every rank must hold at least one task "
                              "(see rows_per_rank)")
         for k in range(self.inner_steps):
             level = min(k + 1, sharded.tree.depth)
-            params = node.expand(n, -1) if seg is None else node.index_select(0, seg)
-            grads = self.fn.grads(params, xs, ys, loss_fn)
+            grads = self._task_grads(node, seg, xs, ys, loss_fn)
             if not create_graph:
                 grads = grads.detach()
             node = sharded.tree_update(node, grads, level, self.inner_rate(k),
                                        same_level=level == prev)
             seg, prev = sharded.segment_ids(level, dev), level
-        return node.index_select(0, seg)
+        return _rows_of(node, seg)
+
+    def _task_grads(self, node: Tensor, seg: Optional[Tensor], xs: Tensor, ys: Tensor,
+                    loss_fn: LossFn) -> Tensor:
+        """Every task's gradient at its node's parameters (seg: task -> node; None
+        before the first step, when all tasks share theta)."""
+        if seg is None:
+            return self.fn.grads(self.theta, xs, ys, loss_fn, shared=True)
+        return self.fn.grads(_rows_of(node, seg), xs, ys, loss_fn)
 
     def _inner_soft(self, tree: SoftTree, xs: Tensor, ys: Tensor, loss_fn: LossFn,
                     create_graph: bool) -> Tensor:
@@ -268,7 +277,7 @@ class TreeMAML(MetaLearnerBase):
             return self._inner_soft(tree, support_x, support_y, loss_fn, create_graph), None
         node, seg = self._inner_hard(tree, tree.permute_rows(support_x), tree.permute_rows(support_y),
                                      loss_fn, create_graph)
-        return node.index_select(0, seg), tree
+        return _rows_of(node, seg), tree
 
     def _check_batch(self, support_x, support_y, query_x=None, query_y=None):
         T = check_task_batch("support_x", support_x, None)

@@ -2,7 +2,8 @@
 all-reduce against a naive all-reduce of every cluster's [C, P] sums.
 
 Spawns the ranks itself on this machine (Gloo on CPU; NCCL, one GPU per rank, with
---device cuda). Each step is one tree level: a tree of 4 x 4 clusters over T tasks.
+--device cuda). Each step is one tree level: a tree of 4 x 4 clusters over T tasks,
+the rank boundaries shifted by --shift rows so that some clusters span two ranks.
 
     python bench/bench_distributed.py                   # 2 ranks, Gloo
     python bench/bench_distributed.py --ranks 4 --device cuda
@@ -24,7 +25,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from treepool.distributed import ShardedTree  # noqa: E402
+from treepool.distributed import ShardedTree, even_split  # noqa: E402
 from treepool.tree import TaskTree  # noqa: E402
 
 
@@ -46,7 +47,10 @@ def worker(rank, world, port, args, queue):
     try:
         for P in args.params:
             tree = tree_of(args.tasks)
-            sharded = ShardedTree(tree)
+            counts = even_split(args.tasks, world)
+            counts[0] += args.shift  # move rank boundaries off the cluster boundaries
+            counts[-1] -= args.shift
+            sharded = ShardedTree(tree, counts)
             grads = torch.randn(sharded.num_local_tasks, P, device=device)
             for level in range(1, tree.depth + 1):
                 prev = torch.randn(sharded.level(level - 1).count if level > 1 else 1, P,
@@ -77,6 +81,9 @@ def main(argv=None):
     parser.add_argument("--params", type=lambda s: [int(float(v)) for v in s.split(",")],
                         default=[10**5, 10**6])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shift", type=int, default=3,
+                        help="rows moved from the last rank to the first, so that clusters "
+                             "span ranks (0: an even split, which here spans none)")
     parser.add_argument("--quick", action="store_true", help="P = 1e4 only, a few seconds")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -96,7 +103,8 @@ def main(argv=None):
     run = common.Run("bench_distributed.py", args.device, common.machine_description(device),
                      torch.__version__, common.command_line(), {}, rows)
     print(f"# bench_distributed: {args.ranks} ranks ({'NCCL' if args.device == 'cuda' else 'Gloo'}),"
-          f" {args.tasks} tasks, float32, {time.monotonic() - t0:.0f} s\n")
+          f" {args.tasks} tasks, boundaries shifted by {args.shift} rows, float32, "
+          f"{time.monotonic() - t0:.0f} s\n")
     print(common.markdown_table(rows, [
         ("P", "P", "{:.0e}"), ("level", "level", None), ("clusters", "clusters", None),
         ("method", "method", None), ("bytes", "bytes per rank", "{:,}"),

@@ -140,7 +140,9 @@ def main(argv=None):
         for dtype in dtypes:
             need = 3 * (T + 2 * C) * P * torch.empty((), dtype=dtype).element_size()
             if need > budget:
-                run.notes.append(f"skipped T={T} P={P:.0e} {dtype}: needs ~{need / 2**30:.1f} GiB")
+                note = f"skipped T={T} P={P:.0e} {dtype}: needs ~{need / 2**30:.1f} GiB"
+                if note not in run.notes:
+                    run.notes.append(note)
                 continue
             common.progress(f"T={T} C={C} P={P:.0e} {shape} {dtype}")
             run.rows += bench_case(T, C, P, shape, dtype, device, args)

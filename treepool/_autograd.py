@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import masked_reciprocal
+
 ops = torch.ops.treepool
 
 
@@ -28,10 +30,7 @@ def _row_dots(a, b):
 def _inv_total_per_row(offsets, weights, num_rows):
     """1 / W_{c(t)} for every row t (0 where W_c = 0), shape [T, 1]."""
     W = ops.segment_sum(weights[:, None], offsets, None)
-    positive = W > 0
-    inv = torch.where(positive, 1.0 / torch.where(positive, W, torch.ones_like(W)),
-                      torch.zeros_like(W))
-    return ops.segment_broadcast(inv, offsets, None, False, num_rows)
+    return ops.segment_broadcast(masked_reciprocal(W), offsets, None, False, num_rows)
 
 
 def _sum_backward(grad, x, offsets, weights, need_x, need_w):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .reference import accumulate_dtype
+from .reference import accumulate_dtype, masked_reciprocal
 from .tree import TaskTree
 
 Rate = Union[float, Tensor]
@@ -48,12 +48,9 @@ class LocalLevel:
 def _update(node_params: Tensor, parents: Tensor, S: Tensor, W: Tensor, lr: Rate,
             dtype: torch.dtype) -> Tensor:
     """node[parents] - lr * S / W (0 where W = 0), computed in S's dtype, rounded to dtype."""
-    positive = W > 0
-    inv = torch.where(positive, 1.0 / torch.where(positive, W, torch.ones_like(W)),
-                      torch.zeros_like(W))
     rate = lr.to(S.dtype) if isinstance(lr, Tensor) else lr
     base = node_params.to(S.dtype).index_select(0, parents)
-    return (base - rate * (S * inv[:, None])).to(dtype)
+    return (base - rate * (S * masked_reciprocal(W)[:, None])).to(dtype)
 
 
 def even_split(num_tasks: int, world_size: int) -> List[int]:

@@ -37,6 +37,15 @@ def cluster_of_rows(offsets: Tensor, num_rows: int) -> Tensor:
     return torch.repeat_interleave(clusters, sizes, output_size=num_rows)
 
 
+def masked_reciprocal(W: Tensor) -> Tensor:
+    """1 / W where W > 0, else 0: the scale of a cluster mean (a cluster of zero total
+    weight has mean 0). The reciprocal is masked, not the quotient, so that its
+    gradient is 0 there rather than NaN."""
+    positive = W > 0
+    return torch.where(positive, 1.0 / torch.where(positive, W, torch.ones_like(W)),
+                       torch.zeros_like(W))
+
+
 def _weighted_sums(x: Tensor, offsets: Tensor, weights: Optional[Tensor]):
     """(S, W) in the accumulation dtype: S[c] = sum_t w_t x[t], W[c] = sum_t w_t."""
     acc = accumulate_dtype(x.dtype)
@@ -50,16 +59,9 @@ def _weighted_sums(x: Tensor, offsets: Tensor, weights: Optional[Tensor]):
 
 
 def _mean_acc(x: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
-    """Weighted cluster means in the accumulation dtype; a cluster of zero weight gives 0.
-
-    The reciprocal is masked rather than the quotient so that the gradient of an
-    empty or zero-weight cluster is 0, not NaN.
-    """
+    """Weighted cluster means in the accumulation dtype; a cluster of zero weight gives 0."""
     S, W = _weighted_sums(x, offsets, weights)
-    positive = W > 0
-    inv = torch.where(positive, 1.0 / torch.where(positive, W, torch.ones_like(W)),
-                      torch.zeros_like(W))
-    return S * inv[:, None]
+    return S * masked_reciprocal(W)[:, None]
 
 
 def _rate(rate: float, rate_tensor: Optional[Tensor], acc: torch.dtype):
@@ -93,10 +95,7 @@ def segment_broadcast(g: Tensor, offsets: Tensor, weights: Optional[Tensor] = No
         w = weights.to(acc)
     if mean:
         W = torch.zeros(g.shape[0], dtype=acc, device=g.device).index_add(0, rows, w)
-        positive = W > 0
-        inv = torch.where(positive, 1.0 / torch.where(positive, W, torch.ones_like(W)),
-                          torch.zeros_like(W))
-        w = w * inv[rows]
+        w = w * masked_reciprocal(W)[rows]
     return (g.to(acc)[rows] * w[:, None]).to(g.dtype)
 
 

@@ -61,7 +61,8 @@ def _full_updates(tree, grads, root, lr, weights):
     return outs
 
 
-def _worker(rank: int, world_size: int, port: int, num_tasks: int, P: int) -> None:
+def _worker(rank: int, world_size: int, port: int, done_dir: str, num_tasks: int,
+            P: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
@@ -101,6 +102,7 @@ def _worker(rank: int, world_size: int, port: int, num_tasks: int, P: int) -> No
                 for level in range(1, tree.depth + 1):
                     assert sharded.bytes_communicated(level, P, torch.float64) <= \
                         sharded.bytes_communicated(level, P, torch.float64, naive=True)
+        _mark_done(done_dir, rank)  # every check of this rank has passed
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
@@ -119,7 +121,7 @@ def test_sharded_tree_update_matches_single_process(world_size):
     _spawn(_worker, world_size, 11, 5)
 
 
-def _meta_worker(rank: int, world_size: int, port: int) -> None:
+def _meta_worker(rank: int, world_size: int, port: int, done_dir: str) -> None:
     """Each rank computes its share of the meta-gradient of TreeMAML, MAML and a Reptile
     step on its tasks, and checks the summed result against the single process."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -163,6 +165,7 @@ def _meta_worker(rank: int, world_size: int, port: int) -> None:
             mine = ShardedTree(tree, counts).local_tasks
             sharded.step(sx[mine], sy[mine])
             torch.testing.assert_close(sharded.theta, single.theta, rtol=1e-6, atol=1e-6)
+        _mark_done(done_dir, rank)  # every check of this rank has passed
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
@@ -175,15 +178,35 @@ def test_sharded_meta_learning_matches_single_process(world_size):
     _spawn(_meta_worker, world_size)
 
 
+def _mark_done(done_dir: str, rank: int) -> None:
+    with open(os.path.join(done_dir, f"rank{rank}.done"), "w") as f:
+        f.write("ok")
+
+
 def _spawn(worker, world_size, *args):
-    ctx = mp.start_processes(worker, args=(world_size, _free_port(), *args), nprocs=world_size,
-                             join=False, start_method="spawn")
+    """Runs worker on world_size ranks. A rank that raises (a failed check) fails the
+    test. A rank killed by a signal after every rank has passed all its checks (seen
+    under load as a SIGABRT in Gloo's teardown at exit: "terminate called without an
+    active exception") is reported as a warning, not a failure: the numbers were all
+    checked. A signal before that fails the test."""
+    import tempfile
+    import warnings
+
+    done_dir = tempfile.mkdtemp(prefix="treepool_dist_")
+    ctx = mp.start_processes(worker, args=(world_size, _free_port(), done_dir, *args),
+                             nprocs=world_size, join=False, start_method="spawn")
     deadline, start = TIMEOUT_S + 60, time.monotonic()
-    while not ctx.join(timeout=5):
-        if time.monotonic() - start > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"ranks did not finish within {deadline} s")
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() - start > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"ranks did not finish within {deadline} s")
+    except mp.ProcessExitedException as exc:
+        done = [os.path.exists(os.path.join(done_dir, f"rank{r}.done")) for r in range(world_size)]
+        if not all(done):
+            raise
+        warnings.warn(f"a rank died at teardown after passing every check: {exc}")
 
 
 def test_sharded_tree_refuses_bad_split():

@@ -1,6 +1,7 @@
-"""Kernel benchmark: tree_update and segment_mean, native against the PyTorch reference
-and against the same pooling built from torch_scatter.segment_csr and from
-torch.segment_reduce when those are importable.
+"""Kernel benchmark: every op (tree_update, segment_mean, segment_sum, reptile_update,
+segment_broadcast), native against the PyTorch reference and against the same pooling
+built from torch_scatter.segment_csr and from torch.segment_reduce when those are
+importable.
 
 For each (T tasks, C clusters, P parameters, tree shape, dtype) it reports the median
 time over repeats after warm-up, the achieved bandwidth (the bytes the op must move:
@@ -10,6 +11,7 @@ read plus written; a clone, which pays page faults for its fresh allocation, is
 printed beside it).
 
     python bench/bench_ops.py                 # the full table on the CPU
+    python bench/bench_ops.py --ops tree_update,segment_mean
     python bench/bench_ops.py --quick         # about a minute on 2 cores
     python bench/bench_ops.py --device cuda --json out.json --plot ops.png
     python bench/bench_ops.py --profile traces/   # torch.profiler trace of a few calls
@@ -77,6 +79,11 @@ def bench_case(T, C, P, shape, dtype, device, args):
     grads = torch.randn(T, P, device=device, dtype=dtype)
     root = torch.randn(1, P, device=device, dtype=dtype)
     out = torch.empty(C, P, device=device, dtype=dtype)
+    theta = torch.randn(C, P, device=device, dtype=dtype)
+    theta_ = theta.clone()  # updated in place, again and again
+    sizes = (offsets[1:] - offsets[:-1]).to(dtype)
+    rows_of = torch.repeat_interleave(torch.arange(C, device=device), sizes.long(), output_size=T)
+    sizes = sizes[rows_of][:, None]  # the broadcast baseline: g[c(t)] / |c(t)|
     size = torch.empty((), dtype=dtype).element_size()
     cases = {
         ("tree_update", "native"): lambda: treepool.tree_update(root, grads, offsets, parents, 0.1),
@@ -89,13 +96,31 @@ def bench_case(T, C, P, shape, dtype, device, args):
         ("segment_mean", "reference"): lambda: reference.segment_mean(grads, offsets),
         ("segment_mean", "torch.segment_reduce"): lambda: torch.segment_reduce(
             grads, "mean", offsets=offsets, axis=0, unsafe=True),
+        ("segment_sum", "native"): lambda: treepool.segment_sum(grads, offsets),
+        ("segment_sum", "reference"): lambda: reference.segment_sum(grads, offsets),
+        ("segment_sum", "torch.segment_reduce"): lambda: torch.segment_reduce(
+            grads, "sum", offsets=offsets, axis=0, unsafe=True),
+        ("reptile_update", "native"): lambda: treepool.reptile_update(theta, grads, offsets, 0.5),
+        ("reptile_update", "native in-place"): lambda: treepool.reptile_update_(theta_, grads,
+                                                                                offsets, 0.5),
+        ("reptile_update", "reference"): lambda: reference.reptile_update(theta, grads, offsets, 0.5),
+        ("segment_broadcast", "native"): lambda: treepool.segment_broadcast(theta, offsets, None,
+                                                                            True, T),
+        ("segment_broadcast", "reference"): lambda: reference.segment_broadcast(theta, offsets, None,
+                                                                                True, T),
+        ("segment_broadcast", "index_select"): lambda: theta.index_select(0, rows_of) / sizes,
     }
     if torch_scatter is not None:
         cases[("tree_update", "torch_scatter")] = lambda: root[parents] - 0.1 * \
             torch_scatter.segment_csr(grads, offsets, reduce="mean")
         cases[("segment_mean", "torch_scatter")] = lambda: torch_scatter.segment_csr(
             grads, offsets, reduce="mean")
-    moved = {"tree_update": (T + 1 + C) * P * size, "segment_mean": (T + C) * P * size}
+        cases[("segment_sum", "torch_scatter")] = lambda: torch_scatter.segment_csr(
+            grads, offsets, reduce="sum")
+    cases = {k: v for k, v in cases.items() if k[0] in args.ops}
+    moved = {"tree_update": (T + 1 + C) * P * size, "segment_mean": (T + C) * P * size,
+             "segment_sum": (T + C) * P * size, "reptile_update": (T + 2 * C) * P * size,
+             "segment_broadcast": (C + T) * P * size}
     rows = []
     for (op, backend), fn in cases.items():
         if backend.startswith("native") and not treepool.native_available():
@@ -121,6 +146,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few small cases, about a minute")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seconds", type=float, default=2.0, help="time budget per case")
+    parser.add_argument("--ops", default="tree_update,segment_mean,segment_sum,reptile_update,"
+                                          "segment_broadcast", type=lambda v: v.split(","),
+                        help="comma-separated ops to time")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--plot", help="write a PNG chart of the fraction of copy bandwidth here")
     parser.add_argument("--profile", help="write a torch.profiler trace of a few calls here")

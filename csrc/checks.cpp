@@ -241,6 +241,14 @@ void check_weights_values(const char* op, const OptTensor& weights) {
       TP_FAIL(op, "weights must be non-negative, got weights[", i, "] = ", g_format(v[i]));
 }
 
+void check_tree_update_values(const char* op, const Tensor& node_params, const Tensor& grads,
+                              const Tensor& offsets, const Tensor& parents,
+                              const OptTensor& weights) {
+  check_offsets_values(op, offsets, grads.size(0), "grads");
+  check_parents_values(op, parents, node_params.size(0));
+  check_weights_values(op, weights);
+}
+
 void check_tree_update_out(const char* op, const Tensor& out, const Tensor& node_params,
                            const Tensor& grads, const Tensor& parents_cpu,
                            const OptTensor& lr_tensor, const OptTensor& weights, int64_t C) {

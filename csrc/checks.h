@@ -54,6 +54,11 @@ void check_offsets_values(const char* op, const Tensor& offsets, int64_t num_row
                           const char* x_name);
 void check_parents_values(const char* op, const Tensor& parents, int64_t num_nodes);
 void check_weights_values(const char* op, const OptTensor& weights);
+// All value checks of a tree update: offsets against grads' rows, parents against
+// node_params' rows, weights (the twin of _checks.tree_update_args(values=True)).
+void check_tree_update_values(const char* op, const Tensor& node_params, const Tensor& grads,
+                              const Tensor& offsets, const Tensor& parents,
+                              const OptTensor& weights);
 
 // out overlapping node_params is allowed only for the same tensor and parents[c] == c.
 void check_tree_update_out(const char* op, const Tensor& out, const Tensor& node_params,

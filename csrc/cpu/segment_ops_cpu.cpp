@@ -185,9 +185,7 @@ Tensor tree_update_cpu(const Tensor& node_params, const Tensor& grads, const Ten
   const int64_t C = check_tree_update_args(op, node_params, grads, offsets_in, parents_in,
                                            lr_tensor, weights);
   const Tensor offsets = offsets_in.contiguous(), parents = parents_in.contiguous();
-  check_offsets_values(op, offsets, grads.size(0), "grads");
-  check_parents_values(op, parents, node_params.size(0));
-  check_weights_values(op, weights);
+  check_tree_update_values(op, node_params, grads, offsets, parents, weights);
   Tensor out = at::empty({C, grads.size(1)}, grads.options());
   tree_update_into(op, out, node_params, grads, offsets, parents, weights, lr, lr_tensor);
   return out;
@@ -200,9 +198,7 @@ void tree_update__cpu(Tensor& out, const Tensor& node_params, const Tensor& grad
   const int64_t C = check_tree_update_args(op, node_params, grads, offsets_in, parents_in,
                                            lr_tensor, weights);
   const Tensor offsets = offsets_in.contiguous(), parents = parents_in.contiguous();
-  check_offsets_values(op, offsets, grads.size(0), "grads");
-  check_parents_values(op, parents, node_params.size(0));
-  check_weights_values(op, weights);
+  check_tree_update_values(op, node_params, grads, offsets, parents, weights);
   check_tree_update_out(op, out, node_params, grads, parents, lr_tensor, weights, C);
   tree_update_into(op, out, node_params, grads, offsets, parents, weights, lr, lr_tensor);
 }

@@ -175,9 +175,8 @@ Tensor tree_update_cuda(const Tensor& node_params, const Tensor& grads, const Te
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Tensor offsets = offsets_in.contiguous(), parents = parents_in.contiguous();
   if (!capturing(stream)) {
-    check_offsets_values(op, offsets.cpu(), grads.size(0), "grads");
-    check_parents_values(op, parents.cpu(), node_params.size(0));
-    check_weights_values(op, on_host(weights));
+    check_tree_update_values(op, node_params, grads, offsets.cpu(), parents.cpu(),
+                             on_host(weights));
   } else {
     check_nodes_exist(op, node_params, C);
   }
@@ -200,9 +199,8 @@ void tree_update__cuda(Tensor& out, const Tensor& node_params, const Tensor& gra
   Tensor parents_host;
   if (!capturing(stream)) {
     parents_host = parents.cpu();
-    check_offsets_values(op, offsets.cpu(), grads.size(0), "grads");
-    check_parents_values(op, parents_host, node_params.size(0));
-    check_weights_values(op, on_host(weights));
+    check_tree_update_values(op, node_params, grads, offsets.cpu(), parents_host,
+                             on_host(weights));
   } else {
     check_nodes_exist(op, node_params, C);
     // Unreadable parents: taken as the identity, so out may alias node_params only as

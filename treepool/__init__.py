@@ -23,9 +23,8 @@ if native_available():
 from .flat_params import FlatParams
 from .tree import TaskTree
 from .soft_pooling import SoftTree, soft_broadcast, soft_segment_mean, soft_tree_update
-from .maml import MAML, InnerRate, TreeMAML
-from .learned_tree import LearnedTreeMAML
-from .reptile import Reptile, SequentialReptile, tree_mean_weights
+from .meta import (MAML, InnerRate, LearnedTreeMAML, Reptile, SequentialReptile, TreeMAML,
+                   tree_mean_weights)
 from .transference import (
     affinity_tree,
     choose_gradient,

@@ -16,16 +16,16 @@ leaves), as in TreeMAML on a complete tree.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
-from ._functional import LossFn
-from .maml import TreeMAML, _arange
-from .tree import TaskTree
+from ..tree import TaskTree
+from .functional import LossFn
+from .learner import InnerParams
+from .maml import TreeMAML, check_steps
+from .schedule import GrowingSchedule
 
 __all__ = ["LearnedTreeMAML"]
 
@@ -51,15 +51,14 @@ class LearnedTreeMAML(TreeMAML):
                  threshold: Optional[float] = None, method: str = "average", leaf_last: bool = True,
                  inner_lr: Union[float, Tensor] = 0.01, lr_mode: str = "fixed",
                  first_order: bool = False, inner_steps: Optional[int] = None,
-                 loss_fn: LossFn = F.mse_loss, randomness: str = "error",
-                 chunk_size: Optional[int] = None):
-        if not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+                 loss_fn: LossFn = F.mse_loss, inner_params: InnerParams = None,
+                 randomness: str = "different", chunk_size: Optional[int] = None):
+        check_steps(depth, "depth")
         if branching is None and threshold is None and (depth > 1 or not leaf_last):
             raise ValueError("LearnedTreeMAML needs branching, threshold or both to split clusters")
         super().__init__(model, None, inner_lr=inner_lr, lr_mode=lr_mode, first_order=first_order,
                          inner_steps=depth if inner_steps is None else inner_steps,
-                         loss_fn=loss_fn, randomness=randomness)
+                         loss_fn=loss_fn, inner_params=inner_params, randomness=randomness)
         self.depth = depth
         self.branching = branching
         self.threshold = threshold
@@ -67,11 +66,6 @@ class LearnedTreeMAML(TreeMAML):
         self.leaf_last = bool(leaf_last)
         self.chunk_size = chunk_size
         self.last_tree: Optional[TaskTree] = None
-
-    def _tree(self, tree, num_tasks: int):
-        if tree is not None:
-            raise ValueError("LearnedTreeMAML grows its own tree; do not pass tree=")
-        return None
 
     def grow_step(self, prefix: Optional[TaskTree], grads: Tensor) -> TaskTree:
         """The tree after one more level, grown from this step's gradients [T, P] (original order)."""
@@ -82,43 +76,26 @@ class LearnedTreeMAML(TreeMAML):
                              threshold=self.threshold, method=self.method,
                              chunk_size=self.chunk_size)
 
-    def _leaf_rows(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn,
-                   tree) -> Tuple[Tensor, Optional[TaskTree]]:
-        # Rows stay in original task order; each step's gradients are permuted to the
-        # DFS order of the tree grown so far for the pooled update.
-        create_graph = self._create_graph()
-        dev = self.theta.device
-        T = support_x.shape[0]
-        node = self.theta[None]
-        labels = None  # task -> node row of the previous level
-        grown: Optional[TaskTree] = None
-        for k in range(self.inner_steps):
-            params = node.expand(T, -1) if labels is None else node.index_select(0, labels)
-            grads = self.fn.grads(params, support_x, support_y, loss_fn)
-            if not create_graph:
-                grads = grads.detach()
-            if k < self.depth:
-                new = self.grow_step(grown, grads)
-                level = new.depth
-                if grown is not None:
-                    # node rows are numbered as the previous tree's last level; the grown
-                    # tree keeps that numbering, but remap if it did not
-                    old_of_new = grown.labels(level - 1, dev).index_select(
-                        0, new.perm_on(dev).index_select(0, new.offsets(level - 1, dev)[:-1]))
-                    if not torch.equal(old_of_new, _arange(old_of_new.shape[0], dev)):
-                        node = node.index_select(0, old_of_new)
-                grown = new
-                parents = grown.parents(level, dev)
-            else:
-                level = grown.depth
-                parents = _arange(node.shape[0], dev)
-            node = ops.tree_update(node, grads.index_select(0, grown.perm_on(dev)),
-                                   grown.offsets(level, dev), parents, self.inner_rate(k))
-            labels = grown.labels(level, dev)
-        self.last_tree = grown
-        return node.index_select(0, labels), None
+    def schedule(self, tree, num_tasks: int):
+        if tree is not None:
+            raise ValueError("LearnedTreeMAML grows its own tree; do not pass tree=")
+        return _Recording(self, GrowingSchedule(num_tasks, self.depth, self.grow_step))
 
     def extra_repr(self) -> str:
-        return (f"num_params={self.flat.numel}, depth={self.depth}, branching={self.branching}, "
+        return (f"num_params={self.num_params}, depth={self.depth}, branching={self.branching}, "
                 f"threshold={self.threshold}, leaf_last={self.leaf_last}, "
                 f"inner_steps={self.inner_steps}, first_order={self.first_order}")
+
+
+class _Recording:
+    """A GrowingSchedule that stores the grown tree on the learner (``last_tree``)."""
+
+    def __init__(self, learner: LearnedTreeMAML, schedule: GrowingSchedule):
+        self.learner, self.inner = learner, schedule
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def task_params(self, state):
+        self.learner.last_tree = self.inner.last_tree
+        return self.inner.task_params(state)

@@ -1,0 +1,188 @@
+"""A model as pure functions of its parameters, batched over tasks with torch.func.
+
+Parameters are dicts ``{name: tensor}`` in the parameter-major layout of
+docs/design.md: every parameter of a batch of N tasks (or tree nodes) is its own
+contiguous ``[N, *shape]`` tensor, never a column slice of one ``[N, P]`` buffer
+(whose backward would rebuild a zero-filled ``[N, P]`` gradient per parameter).
+
+Only the *adapted* parameters are arguments; every other parameter and buffer is the
+model's own tensor, read by ``functional_call`` from the module, so a shared
+parameter (ANIL's body) is meta-learned by ordinary autograd and a constant buffer
+just works.  BatchNorm in training mode normalises each task by its own batch
+statistics and leaves the running statistics untouched (:func:`batch_statistics`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Params = Dict[str, Tensor]
+Inputs = Union[Tensor, Tuple[Tensor, ...]]
+
+__all__ = ["LossFn", "ModelFunctions", "Params", "batch_statistics", "check_inputs",
+           "num_tasks_of", "take_rows"]
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in training mode use the batch's statistics and update no
+    running statistics while inside (inner steps and the query loss of a task batch
+    are not a training batch of the model's running averages)."""
+    changed = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            m.track_running_stats = False
+            changed.append(m)
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
+
+
+def as_tuple(x: Inputs) -> Tuple[Tensor, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def num_tasks_of(x: Inputs) -> int:
+    return int(as_tuple(x)[0].shape[0])
+
+
+def take_rows(x: Inputs, index: Optional[Tensor]) -> Inputs:
+    """``x[index]`` along the task dimension (of every tensor of a tuple); None: x."""
+    if index is None:
+        return x
+    if isinstance(x, (tuple, list)):
+        return tuple(t.index_select(0, index.to(t.device)) for t in x)
+    return x.index_select(0, index.to(x.device))
+
+
+def reshape_rows(x: Inputs, groups: int) -> Inputs:
+    """[T, ...] -> [groups, T / groups, ...] (of every tensor of a tuple)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(t.reshape(groups, -1, *t.shape[1:]) for t in x)
+    return x.reshape(groups, -1, *x.shape[1:])
+
+
+def check_inputs(name: str, x, num_tasks: Optional[int], dtype: Optional[torch.dtype] = None,
+                 min_dim: int = 2) -> int:
+    """A task batch ``[T, n, ...]`` (or a tuple of them): returns T; ValueError naming ``name``."""
+    parts = as_tuple(x)
+    if not parts:
+        raise ValueError(f"{name} is an empty tuple; pass a tensor [T, n, ...] or a tuple of them")
+    T = num_tasks
+    for i, t in enumerate(parts):
+        label = name if len(parts) == 1 and not isinstance(x, (tuple, list)) else f"{name}[{i}]"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{label} must be a tensor [T, n, ...], got {type(t).__name__}")
+        if t.dim() < min_dim:
+            raise ValueError(f"{label} must have a task and an example dimension [T, n, ...], "
+                             f"got shape {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{label} has no tasks (shape {tuple(t.shape)})")
+        if t.shape[1] == 0:
+            raise ValueError(f"{label} has no examples per task (shape {tuple(t.shape)}): "
+                             "at least one shot is needed")
+        if T is not None and t.shape[0] != T:
+            raise ValueError(f"{label} has {t.shape[0]} tasks (dim 0) but {T} were expected")
+        T = int(t.shape[0])
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            raise ValueError(f"{label} is {t.dtype} but the model's parameters are {dtype}: "
+                             f"cast the data (e.g. {name}.to({dtype})) or the model")
+    return T
+
+
+class ModelFunctions:
+    """``model`` as functions of its adapted parameters, batched over tasks.
+
+    Args:
+        model: the module (its other parameters and buffers are used as they are).
+        names: the adapted parameters (the inner loop's variables).
+        randomness: ``torch.func.vmap`` randomness for Dropout and friends
+            ('different': every task draws its own mask; 'same'; 'error').
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], randomness: str = "different"):
+        self.model = model
+        self.names = tuple(names)
+        self.randomness = randomness
+
+    def __call__(self, params: Params, x: Inputs) -> Tensor:
+        return torch.func.functional_call(self.model, params, as_tuple(x))
+
+    def task_loss(self, loss_fn: LossFn) -> Callable[[Params, Inputs, Tensor], Tensor]:
+        def loss(params, x, y):
+            return loss_fn(self(params, x), y)
+        return loss
+
+    def node_loss(self, loss_fn: LossFn) -> Callable[[Params, Inputs, Tensor], Tensor]:
+        """Mean loss of a node's m tasks ([m, n, ...] data) at the node's parameters."""
+        per_task = torch.func.vmap(self.task_loss(loss_fn), in_dims=(None, 0, 0),
+                                   randomness=self.randomness)
+
+        def loss(params, xs, ys):
+            return per_task(params, xs, ys).mean()
+        return loss
+
+    def task_grads(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
+                   shared: bool = False) -> Params:
+        """``{name: [T, *shape]}``: each task's gradient at its own parameters
+        (``shared``: one set of parameters, unbatched, for every task)."""
+        fn = torch.func.vmap(torch.func.grad(self.task_loss(loss_fn)),
+                             in_dims=(None if shared else 0, 0, 0), randomness=self.randomness)
+        return fn(params, x, y)
+
+    def node_grads(self, params: Params, xs: Inputs, ys: Tensor, loss_fn: LossFn,
+                   shared: bool = False) -> Params:
+        """``{name: [C, *shape]}``: for every node c, the gradient of the mean loss of its
+        tasks (data ``[C, m, n, ...]``) at the node's parameters, which equals the mean
+        of their per-task gradients (the pooled gradient of TreeMAML)."""
+        fn = torch.func.vmap(torch.func.grad(self.node_loss(loss_fn)),
+                             in_dims=(None if shared else 0, 0, 0), randomness=self.randomness)
+        return fn(params, xs, ys)
+
+    def weighted_node_grads(self, params: Params, xs: Inputs, ys: Tensor, weights: Tensor,
+                            loss_fn: LossFn, shared: bool = False) -> Params:
+        """:meth:`node_grads` of ``sum_j weights[c, j] * L_j`` (``weights`` [C, m]; zero
+        for the padding rows of a ragged node)."""
+        per_task = torch.func.vmap(self.task_loss(loss_fn), in_dims=(None, 0, 0),
+                                   randomness=self.randomness)
+
+        def loss(p, x, y, w):
+            losses = per_task(p, x, y)
+            return (losses * w.to(losses.dtype)).sum()
+        fn = torch.func.vmap(torch.func.grad(loss), in_dims=(None if shared else 0, 0, 0, 0),
+                             randomness=self.randomness)
+        return fn(params, xs, ys, weights)
+
+    def losses(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
+               shared: bool = False) -> Tensor:
+        """[T] losses, task t at its parameters on (x[t], y[t])."""
+        fn = torch.func.vmap(self.task_loss(loss_fn), in_dims=(None if shared else 0, 0, 0),
+                             randomness=self.randomness)
+        return fn(params, x, y)
+
+    def predict(self, params: Params, x: Inputs, shared: bool = False) -> Tensor:
+        """[T, ...] outputs, task t's model on x[t]."""
+        return torch.func.vmap(self, in_dims=(None if shared else 0, 0),
+                               randomness=self.randomness)(params, x)
+
+    def diagnose(self, name: str, params: Params, x: Inputs, error: Exception) -> None:
+        """Re-raise a failure of the batched call as a ValueError naming ``name`` when
+        one task's data do not fit the model (the usual cause); else return."""
+        first = {k: v[0] for k, v in params.items()}
+        sample = tuple(t[0] for t in as_tuple(x))
+        shapes = ", ".join(str(tuple(t.shape)) for t in sample)
+        try:
+            with torch.no_grad():
+                torch.func.functional_call(self.model, first, sample)
+        except Exception as probe:  # noqa: BLE001 - any failure of the model on the data
+            raise ValueError(
+                f"{name} does not fit the model: one task's input has shape(s) {shapes} "
+                f"({len(sample)} input(s)), and {type(self.model).__name__} failed on it with "
+                f"{type(probe).__name__}: {probe}") from error

@@ -144,7 +144,7 @@ def _meta_worker(rank: int, world_size: int, port: int, done_dir: str) -> None:
             lambda **kw: treepool.TreeMAML(model(), tree, inner_lr=0.1, lr_mode="per_step", **kw),
             lambda **kw: treepool.TreeMAML(model(), tree, inner_lr=0.1, inner_steps=4,
                                            first_order=True, **kw),
-            lambda **kw: treepool.MAML(model(), T, inner_lr=0.1, inner_steps=2, **kw),
+            lambda **kw: treepool.MAML(model(), num_tasks=T, inner_lr=0.1, inner_steps=2, **kw),
         ):
             single = make()
             single.meta_loss(sx, sy, qx, qy).backward()
@@ -164,7 +164,8 @@ def _meta_worker(rank: int, world_size: int, port: int, done_dir: str) -> None:
                                        tree=tree_arg, process_group=group, rows_per_rank=counts)
             mine = ShardedTree(tree, counts).local_tasks
             sharded.step(sx[mine], sy[mine])
-            torch.testing.assert_close(sharded.theta, single.theta, rtol=1e-6, atol=1e-6)
+            for a, b in zip(sharded.model.parameters(), single.model.parameters()):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         _mark_done(done_dir, rank)  # every check of this rank has passed
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:

@@ -17,7 +17,7 @@ from torch import nn
 import treepool
 from treepool import MAML, LearnedTreeMAML, SoftTree, TaskTree, TreeMAML
 
-from meta_oracles import data, make_model, rel_err, task_loss
+from meta_oracles import data, make_model, rel_err, split, task_loss
 
 BACKENDS = ["native", "reference"] if treepool.native_available() else ["reference"]
 TOL = 1e-10
@@ -47,14 +47,53 @@ def tree_oracle(model, theta, rate, labels, steps, batch, first_order):
     return sum(task_loss(model, nodes[node_of[t]], qx[t], qy[t]) for t in range(T)) / T
 
 
+def flat_rates(learner):
+    """The learnable inner rates as one tensor in the oracle's layout: [K] (per_step),
+    [P] (per_parameter) or [K, P] (per_step_parameter); None when fixed."""
+    rate = learner.inner_rate
+    if rate.mode == "fixed":
+        return None
+    if rate.mode == "per_step":
+        return rate.rate
+    if rate.mode == "per_parameter":
+        return torch.cat([r.reshape(-1) for r in rate.rates])
+    return torch.cat([r.reshape(r.shape[0], -1) for r in rate.rates], dim=1)
+
+
+def meta_params(learner):
+    """(theta params, rate params) of a learner, in the order flat_grads expects."""
+    return list(learner.theta().values()), list(learner.inner_rate.parameters())
+
+
+def flat_grads(learner, loss):
+    """d loss / d (theta as one [P] vector, rates in the oracle's layout)."""
+    theta, rates = meta_params(learner)
+    got = torch.autograd.grad(loss, theta + rates)
+    g_theta = torch.cat([g.reshape(-1) for g in got[:len(theta)]])
+    if not rates:
+        return [g_theta]
+    mode = learner.inner_rate.mode
+    if mode == "per_step":
+        return [g_theta, got[-1]]
+    if mode == "per_parameter":
+        return [g_theta, torch.cat([g.reshape(-1) for g in got[len(theta):]])]
+    return [g_theta, torch.cat([g.reshape(g.shape[0], -1) for g in got[len(theta):]], dim=1)]
+
+
+def scramble_rates(learner):
+    """Distinct rates per step / parameter."""
+    with torch.no_grad():
+        for r in learner.inner_rate.parameters():
+            r.mul_(torch.rand_like(r) + 0.5)
+
+
 def check_against_oracle(learner, model, labels, batch, first_order, tree=None):
     loss = learner.meta_loss(*batch, tree=tree)
-    params = list(learner.parameters())
-    got = torch.autograd.grad(loss, params)
-    theta = learner.theta.detach().clone().requires_grad_(True)
-    rate_param = None
-    if learner.inner_rate.rate is not None:
-        rate_param = learner.inner_rate.rate.detach().clone().requires_grad_(True)
+    got = flat_grads(learner, loss)
+    theta = torch.cat([p.detach().reshape(-1) for p in learner.theta().values()]).requires_grad_(True)
+    rate_param = flat_rates(learner)
+    if rate_param is not None:
+        rate_param = rate_param.detach().clone().requires_grad_(True)
 
     def rate(k):
         if rate_param is None:
@@ -81,7 +120,7 @@ def test_maml_meta_gradient_equals_loop(backend, first_order, steps):
     model = make_model()
     batch = data(5)
     with treepool.use_backend(backend):
-        learner = MAML(model, 5, inner_lr=0.3, inner_steps=steps, first_order=first_order)
+        learner = MAML(model, inner_lr=0.3, inner_steps=steps, first_order=first_order)
         check_against_oracle(learner, model, [list(range(5))], batch, first_order)
 
 
@@ -92,9 +131,8 @@ def test_learned_rates_get_loop_gradients(backend, mode, first_order):
     model = make_model(1)
     batch = data(4, seed=3)
     with treepool.use_backend(backend):
-        learner = MAML(model, 4, inner_lr=0.2, inner_steps=2, lr_mode=mode, first_order=first_order)
-        with torch.no_grad():  # distinct rates per step / parameter
-            learner.inner_rate.rate.mul_(torch.rand_like(learner.inner_rate.rate) + 0.5)
+        learner = MAML(model, inner_lr=0.2, inner_steps=2, lr_mode=mode, first_order=first_order)
+        scramble_rates(learner)
         check_against_oracle(learner, model, [list(range(4))], batch, first_order)
 
 
@@ -109,7 +147,7 @@ def test_maml_builds_flat_tree_per_batch_size():
 def test_maml_matches_treemaml_on_flat_tree():
     model = make_model()
     batch = data(4)
-    a = MAML(model, 4, inner_lr=0.1, inner_steps=2).meta_loss(*batch)
+    a = MAML(model, inner_lr=0.1, inner_steps=2).meta_loss(*batch)
     b = TreeMAML(model, TaskTree.flat(4, 2), inner_lr=0.1).meta_loss(*batch)
     assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-14)
 
@@ -154,8 +192,7 @@ def test_treemaml_meta_sgd_on_random_trees(backend, case, seed):
     batch = data(tree.num_tasks, seed=seed)
     with treepool.use_backend(backend):
         learner = TreeMAML(model, tree, inner_lr=0.2, lr_mode="per_step_parameter")
-        with torch.no_grad():
-            learner.inner_rate.rate.mul_(torch.rand_like(learner.inner_rate.rate) + 0.5)
+        scramble_rates(learner)
         check_against_oracle(learner, model, labels, batch, False)
 
 
@@ -180,7 +217,8 @@ def test_adapt_and_per_task_losses_are_in_original_order():
     torch.testing.assert_close(per_task, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(per_task.mean(), learner.meta_loss(sx, sy, qx, qy).detach())
     # tasks 0 and 3 share their level-2 node, hence everything but the last (leaf) step
-    assert phi.shape == (5, learner.num_params)
+    assert {n: tuple(p.shape) for n, p in phi.items()} == {
+        n: (5, *p.shape) for n, p in model.named_parameters()}
 
 
 def test_outer_step_with_any_optimizer():
@@ -197,15 +235,15 @@ def test_outer_step_with_any_optimizer():
         opt.step()
     assert all(not torch.equal(a, b) for a, b in zip(before, learner.parameters()))
     assert float(learner.meta_loss(*batch).detach()) < first
-    synced = learner.sync_model()
-    torch.testing.assert_close(treepool.FlatParams(synced).buffer, learner.theta.detach())
+    # the meta-parameters are the model's own: nothing to copy back
+    assert all(a is b for a, b in zip(model.parameters(), learner.theta().values()))
 
 
 def test_module_methods_move_the_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
-    learner = MAML(model, 3, inner_lr=0.1).double()
-    assert learner.theta.dtype == torch.float64
+    learner = MAML(model, inner_lr=0.1).double()
+    assert all(p.dtype == torch.float64 for p in learner.parameters())
     assert all(p.dtype == torch.float64 for p in model.parameters())
     learner.meta_loss(*data(3)).backward()
 
@@ -219,8 +257,8 @@ def test_bad_arguments():
         TreeMAML(model, None)
     with pytest.raises(ValueError, match="tasks"):
         TreeMAML(model, tree).meta_loss(*data(4))
-    with pytest.raises(ValueError, match="buffers"):
-        TreeMAML(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), tree)
+    with pytest.raises(TypeError, match="inner_lr"):
+        TreeMAML(model, tree, inner_lr="0.1")
     with pytest.raises(ValueError, match="branching, threshold"):
         LearnedTreeMAML(model, 3)
 
@@ -235,9 +273,9 @@ def test_one_hot_soft_tree_equals_hard_tree(first_order):
     batch = data(6)
     learner = TreeMAML(model, tree, inner_lr=0.3, first_order=first_order)
     hard = learner.meta_loss(*batch)
-    g_hard, = torch.autograd.grad(hard, learner.theta)
+    g_hard, = flat_grads(learner, hard)
     soft = learner.meta_loss(*batch, tree=SoftTree.from_task_tree(tree, dtype=torch.float64))
-    g_soft, = torch.autograd.grad(soft, learner.theta)
+    g_soft, = flat_grads(learner, soft)
     assert float(soft.detach()) == pytest.approx(float(hard.detach()), rel=1e-12)
     assert rel_err(g_soft, g_hard) <= TOL
 
@@ -279,14 +317,14 @@ def test_learned_treemaml_equals_treemaml_on_its_grown_tree(backend, first_order
         learned = LearnedTreeMAML(model, 3, branching=3, inner_lr=0.05, first_order=first_order,
                                   inner_steps=4)
         loss = learned.meta_loss(*batch)
-        g_learned, = torch.autograd.grad(loss, learned.theta)
+        g_learned, = flat_grads(learned, loss)
         tree = learned.last_tree
         assert tree.depth == 3 and tree.is_complete
         # the three weight groups are found at level 1
         assert tree.same_hierarchy(TaskTree.from_labels(
             [(torch.arange(12) // 4)[perm].tolist(), tree.labels(2).tolist()]))
         fixed = TreeMAML(model, tree, inner_lr=0.05, first_order=first_order, inner_steps=4)
-        g_fixed, = torch.autograd.grad(fixed.meta_loss(*batch), fixed.theta)
+        g_fixed, = flat_grads(fixed, fixed.meta_loss(*batch))
     assert rel_err(g_learned, g_fixed) <= TOL
     check_against_oracle(learned, model, [tree.labels(lv).tolist() for lv in (1, 2, 3)], batch,
                          first_order)
@@ -303,10 +341,11 @@ def test_learned_tree_on_random_gradients_matches_fixed_tree(seed, branching):
     with torch.no_grad():
         torch.testing.assert_close(learned.adapt(batch[0], batch[1]),
                                    fixed.adapt(batch[0], batch[1]), rtol=1e-12, atol=1e-14)
+        assert learned.last_tree is not None
 
 
 def test_conv_classifier_with_cross_entropy():
-    """Any module without running statistics: a small CNN with integer class targets."""
+    """A small CNN with integer class targets."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).double()
     g = torch.Generator().manual_seed(0)
@@ -316,13 +355,12 @@ def test_conv_classifier_with_cross_entropy():
     qy = torch.randint(0, 3, (4, 5), generator=g)
     tree = TaskTree.from_nested([[0, 2], [1, 3]])
     learner = TreeMAML(model, tree, inner_lr=0.5, loss_fn=F.cross_entropy)
-    got, = torch.autograd.grad(learner.meta_loss(sx, sy, qx, qy), learner.theta)
+    got, = flat_grads(learner, learner.meta_loss(sx, sy, qx, qy))
 
-    theta = learner.theta.detach().clone().requires_grad_(True)
-    views = treepool.FlatParams(model)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).requires_grad_(True)
 
     def loss(p, x, y):
-        return F.cross_entropy(torch.func.functional_call(model, views.unflatten(p), (x,)), y)
+        return F.cross_entropy(torch.func.functional_call(model, split(model, p), (x,)), y)
 
     nodes = {}
     for c, members in enumerate([[0, 2], [1, 3]]):

@@ -58,9 +58,9 @@ def test_soft_treemaml_equals_equation():
                torch.rand(3, 4, generator=g, dtype=torch.float64)]
     learner = treepool.TreeMAML(model, SoftTree(assigns), inner_lr=0.2)
     loss = learner.meta_loss(sx, sy, qx, qy)
-    got, = torch.autograd.grad(loss, learner.theta)
+    got = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
 
-    theta = learner.theta.detach().clone().requires_grad_(True)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).requires_grad_(True)
     phi = [theta] * 4
     for a in assigns:
         gs = [torch.autograd.grad(task_loss(model, phi[t], sx[t], sy[t]), phi[t], create_graph=True)[0]

@@ -38,9 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .learned_tree import LearnedTreeMAML
-from .maml import MAML, TreeMAML
-from .reptile import Reptile
+from .meta import MAML, LearnedTreeMAML, Reptile, TreeMAML
 from .tree import TaskTree
 
 __all__ = ["FamilyConfig", "HierarchicalRegression", "DemoConfig", "run_demo", "main"]
@@ -141,7 +139,7 @@ class _Method:
         net = make_net(cfg.hidden).to(family.device)
         self.name = name
         if name == "MAML":
-            self.learner = MAML(net, family.num_tasks, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
+            self.learner = MAML(net, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
                                 lr_mode=cfg.lr_mode, first_order=cfg.first_order)
         elif name == "TreeMAML":
             self.learner = TreeMAML(net, family.tree, inner_lr=cfg.inner_lr, lr_mode=cfg.lr_mode,
@@ -162,7 +160,7 @@ class _Method:
         if isinstance(self.learner, Reptile):
             phi = self.learner.outer_grad(batch["support_x"], batch["support_y"])
             with torch.no_grad():
-                loss = self.learner.fn.losses(phi, batch["query_x"], batch["query_y"], F.mse_loss).mean()
+                loss = self.learner.task_losses(phi, batch["query_x"], batch["query_y"]).mean()
         else:
             loss = self.learner.meta_loss(batch["support_x"], batch["support_y"],
                                           batch["query_x"], batch["query_y"])

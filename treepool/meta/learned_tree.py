@@ -58,7 +58,8 @@ class LearnedTreeMAML(TreeMAML):
             raise ValueError("LearnedTreeMAML needs branching, threshold or both to split clusters")
         super().__init__(model, None, inner_lr=inner_lr, lr_mode=lr_mode, first_order=first_order,
                          inner_steps=depth if inner_steps is None else inner_steps,
-                         loss_fn=loss_fn, inner_params=inner_params, randomness=randomness)
+                         loss_fn=loss_fn, inner_params=inner_params, randomness=randomness,
+                         factored="never")
         self.depth = depth
         self.branching = branching
         self.threshold = threshold

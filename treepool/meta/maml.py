@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..soft_pooling import SoftTree
 from ..tree import TaskTree
+from .factored import FactoredLinears
 from .functional import Inputs, LossFn, Params, batch_statistics
 from .learner import InnerParams, MetaLearner
 from .rates import InnerRate
@@ -59,6 +60,9 @@ class TreeMAML(MetaLearner):
             each rank passes the data of :meth:`local_tasks` and calls
             :meth:`sync_grads` after ``backward()``.
         rows_per_rank: tasks per rank in DFS order (default: as even as possible).
+        factored: per-task ``nn.Linear`` weights of the leaf steps kept as low-rank
+            updates (:mod:`treepool.meta.factored`): 'auto' (default: where it pays),
+            'always' (every eligible layer) or 'never' (dense).
 
     Data are tensors ``[T, n, ...]`` (or tuples of them, passed as ``model(*x)``) in the
     tree's original task order; the DFS permutation is internal.
@@ -68,8 +72,10 @@ class TreeMAML(MetaLearner):
                  inner_lr: Union[float, Tensor] = 0.01, inner_steps: Optional[int] = None,
                  lr_mode: str = "fixed", first_order: bool = False,
                  loss_fn: LossFn = F.mse_loss, inner_params: InnerParams = None,
-                 randomness: str = "different", process_group=None, rows_per_rank=None):
+                 randomness: str = "different", process_group=None, rows_per_rank=None,
+                 factored: str = "auto"):
         super().__init__(model, inner_params, randomness)
+        self.factored = FactoredLinears(model, self.fns, factored)
         if tree is not None and not isinstance(tree, (TaskTree, SoftTree)):
             raise TypeError(f"tree must be a TaskTree, a SoftTree or None, got {type(tree).__name__}")
         if inner_steps is None:
@@ -161,6 +167,33 @@ class TreeMAML(MetaLearner):
             state = schedule.step(state, k, self.inner_rate(k), grads)
         return schedule.task_params(state)
 
+    def _factored_losses(self, schedule, sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor,
+                         loss_fn: LossFn) -> Optional[Tensor]:
+        """[T] query losses with the leaf steps in factored form, or None where no layer
+        is factored (then the dense loop runs)."""
+        if type(schedule) is not TreeSchedule or self.factored.mode == "never":
+            return None
+        first = schedule.leaf_phase(self.inner_steps)
+        if first is None:
+            return None
+        rates = [self.inner_rate(k) for k in range(first, self.inner_steps)]
+        try:
+            names = self.factored.layers_for(sx, rates)
+        except (RuntimeError, TypeError, ValueError) as error:
+            probe = {n: p[None] for n, p in self.theta().items()}
+            self.fns.diagnose("support_x", probe, sx, error)
+            raise
+        if not names:
+            return None
+        create_graph = torch.is_grad_enabled() and not self.first_order
+        grads = Gradients(self.fns, sx, sy, loss_fn, create_graph)
+        state = schedule.start(self.theta())
+        for k in range(first):
+            state = schedule.step(state, k, self.inner_rate(k), grads)
+        params, shared, groups = schedule.leaf_base(state)
+        return self.factored.query_losses(names, params, shared, groups, sx, sy, qx, qy, rates,
+                                          loss_fn, create_graph)
+
     def adapt(self, support_x: Inputs, support_y: Tensor, steps: Optional[int] = None, *,
               loss_fn: Optional[LossFn] = None, tree=None) -> Params:
         """Adapted parameters of every task, ``{name: [T, *shape]}`` in the original task
@@ -193,15 +226,17 @@ class TreeMAML(MetaLearner):
         loss_fn = loss_fn or self.loss_fn
         T = self._check_support(support_x, support_y, query_x, query_y)
         schedule = self.schedule(tree, T)
+        sx, sy = schedule.order(support_x), schedule.order(support_y)
+        qx, qy = schedule.order(query_x), schedule.order(query_y)
         with batch_statistics(self.model):
-            rows = self._inner_loop(schedule, schedule.order(support_x), schedule.order(support_y),
-                                    loss_fn, self.inner_steps)
-            qx, qy = schedule.order(query_x), schedule.order(query_y)
-            try:
-                losses = self.fns.losses(rows, qx, qy, loss_fn)
-            except (RuntimeError, TypeError, ValueError) as error:
-                self.fns.diagnose("query_x", rows, qx, error)
-                raise
+            losses = self._factored_losses(schedule, sx, sy, qx, qy, loss_fn)
+            if losses is None:
+                rows = self._inner_loop(schedule, sx, sy, loss_fn, self.inner_steps)
+                try:
+                    losses = self.fns.losses(rows, qx, qy, loss_fn)
+                except (RuntimeError, TypeError, ValueError) as error:
+                    self.fns.diagnose("query_x", rows, qx, error)
+                    raise
         if reduction == "mean" and self.distributed:
             return losses.sum() / self._tree(tree, T).num_tasks  # summed over the ranks
         if reduction == "mean":
@@ -230,7 +265,7 @@ class MAML(TreeMAML):
                  inner_steps: int = 1, num_tasks: Optional[int] = None, lr_mode: str = "fixed",
                  first_order: bool = False, loss_fn: LossFn = F.mse_loss,
                  inner_params: InnerParams = None, randomness: str = "different",
-                 process_group=None, rows_per_rank=None):
+                 process_group=None, rows_per_rank=None, factored: str = "auto"):
         if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int)
                                       or num_tasks < 1):
             raise ValueError(f"num_tasks must be an int >= 1 or None, got {num_tasks!r}")
@@ -241,7 +276,7 @@ class MAML(TreeMAML):
         super().__init__(model, tree, inner_lr=inner_lr, inner_steps=inner_steps, lr_mode=lr_mode,
                          first_order=first_order, loss_fn=loss_fn, inner_params=inner_params,
                          randomness=randomness, process_group=process_group,
-                         rows_per_rank=rows_per_rank)
+                         rows_per_rank=rows_per_rank, factored=factored)
         self._flat_trees = {}
 
     def _tree(self, tree, num_tasks: int):

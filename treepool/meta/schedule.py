@@ -34,7 +34,8 @@ from torch import Tensor
 from .. import ops
 from ..soft_pooling import SoftTree, soft_tree_update
 from ..tree import TaskTree
-from .functional import Inputs, LossFn, ModelFunctions, Params, reshape_rows, take_rows
+from .functional import (Inputs, LossFn, ModelFunctions, Params, exact_norms, reshape_rows,
+                         take_rows)
 
 __all__ = ["Gradients", "GrowingSchedule", "NodeState", "ShardedSchedule", "SoftSchedule",
            "TreeSchedule", "descend"]
@@ -124,7 +125,8 @@ class Gradients:
     def _run(self, fn: Callable[[], Params], params: Params, shared: bool) -> Params:
         try:
             if self.create_graph:
-                return fn()
+                with exact_norms(self.fns.model):
+                    return fn()
             with torch.no_grad():
                 return fn()
         except (RuntimeError, TypeError, ValueError) as error:
@@ -187,6 +189,11 @@ class TreeSchedule:
     def _plan(self, level: int, device):
         """How level ``level`` is pooled: ('task',) | ('node', m) | ('pad', index, weights) | ('kernel',)."""
         key = (level, str(device))
+        if device is None:  # the kind of plan only
+            for (lv, _), plan in self._plans.items():
+                if lv == level:
+                    return plan
+            key = (level, "cpu")
         if key not in self._plans:
             sizes = self.tree.cluster_sizes(level)
             C, T = len(sizes), self.num_tasks
@@ -243,6 +250,31 @@ class TreeSchedule:
         parents = (torch.arange(tree.num_clusters(level), device=dev) if same
                    else tree.parents(level, dev))
         return pooled_update(node, g, tree.offsets(level, dev), parents, lr)
+
+    def leaf_phase(self, steps: int) -> Optional[int]:
+        """The first of the trailing steps that are per task (every cluster of their
+        level one task), or None when the loop does not end on the leaves."""
+        first = None
+        for k in reversed(range(steps)):
+            if self._plan(min(k + 1, self.tree.depth), None)[0] != "task":
+                break
+            first = k
+        if first and self._plan(min(first, self.tree.depth), None)[0] not in ("task", "node"):
+            return None  # the leaves start from ragged nodes
+        return first
+
+    def leaf_base(self, state: NodeState):
+        """(params, shared, groups) of the nodes the leaf phase starts from, with the
+        tasks of node c the c-th of ``groups`` equal blocks of rows; None when the
+        level's clusters are not of one size."""
+        if state.root:
+            return state.params, True, 1
+        plan = self._plan(state.level, None)
+        if plan[0] == "task":
+            return state.params, False, self.num_tasks
+        if plan[0] == "node":
+            return state.params, False, self.num_tasks // plan[1]
+        return None
 
     def task_params(self, state: NodeState) -> Params:
         """``{name: [T, *shape]}`` in DFS row order."""

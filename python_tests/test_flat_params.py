@@ -1,4 +1,4 @@
-"""Tests for treepool.flat_params.FlatParams."""
+"""Tests for treepool.FlatParams."""
 
 import re
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from treepool.flat_params import FlatParams
+from treepool import FlatParams
 
 
 def mlp(sizes, seed=0, dtype=torch.float32):

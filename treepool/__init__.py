@@ -20,12 +20,12 @@ from .ops import (
 if native_available():
     from . import _autograd, _fake  # noqa: F401  (registrations of the native ops)
 
-from .flat_params import FlatParams
 from .tree import TaskTree
 from .soft_pooling import SoftTree, soft_broadcast, soft_segment_mean, soft_tree_update
 from .meta import (MAML, InnerRate, LearnedTreeMAML, Reptile, SequentialReptile, TreeMAML,
                    tree_mean_weights)
-from .transference import (
+from .meta.flat_params import FlatParams
+from .meta.transference import (
     affinity_tree,
     choose_gradient,
     itmtl_candidates,

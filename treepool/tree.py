@@ -43,7 +43,7 @@ import torch
 from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
-from treepool.similarity import cosine_similarity_matrix
+from .similarity import cosine_similarity_matrix
 
 __all__ = ["TaskTree"]
 

@@ -24,30 +24,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
-from ._functional import LossFn, TaskFunctions, check_task_batch
+from .. import ops
+from ..tree import TaskTree
 from .flat_params import FlatParams
-from .tree import TaskTree
+from .functional import LossFn, ModelFunctions, check_inputs
 
 __all__ = ["task_gradients", "lookahead_params", "lookahead_losses", "lookahead_affinity",
            "affinity_tree", "pcgrad", "itmtl_candidates", "choose_gradient"]
 
 
-def _setup(model: nn.Module, params: Optional[Tensor]) -> Tuple[TaskFunctions, Tensor]:
-    flat = FlatParams(model)
-    theta = flat.buffer if params is None else params
-    if theta.dim() != 1 or theta.shape[0] != flat.numel:
-        raise ValueError(f"params must be a [P] vector with P = {flat.numel}, got {tuple(theta.shape)}")
-    return TaskFunctions(model, flat), theta
+class _Rows:
+    """The model's loss as a function of [P] parameter rows (FlatParams layout)."""
+
+    def __init__(self, model: nn.Module, params: Optional[Tensor]):
+        self.flat = FlatParams(model)
+        self.fns = ModelFunctions(model, self.flat.names)
+        theta = self.flat.buffer if params is None else params
+        if not isinstance(theta, Tensor) or theta.dim() != 1 or theta.shape[0] != self.flat.numel:
+            shape = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
+            raise ValueError(f"params must be a [P] vector with P = {self.flat.numel}, got {shape}")
+        self.theta = theta
+
+    def grads(self, x, y, loss_fn: LossFn) -> Tensor:
+        """[T, P] gradients of every task at theta."""
+        g = self.fns.task_grads(self.flat.unflatten(self.theta), x, y, loss_fn, shared=True)
+        return torch.cat([g[n].reshape(g[n].shape[0], -1) for n in self.flat.names], dim=1)
+
+    def losses(self, rows: Tensor, x, y, loss_fn: LossFn) -> Tensor:
+        """[T] losses of task t at theta (``rows`` [P]) or at ``rows[t]`` ([T, P])."""
+        return self.fns.losses(self.flat.unflatten(rows), x, y, loss_fn, shared=rows.dim() == 1)
 
 
 def task_gradients(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.mse_loss, *,
                    params: Optional[Tensor] = None) -> Tensor:
     """[T, P] per-task gradients g_i = grad L_i(theta) (one vmap); theta = ``params`` or the model's."""
-    fn, theta = _setup(model, params)
-    T = check_task_batch("x", x, None)
-    check_task_batch("y", y, T)
-    return fn.grads(theta[None].expand(T, -1), x, y, loss_fn)
+    T = check_inputs("x", x, None)
+    check_inputs("y", y, T)
+    return _Rows(model, params).grads(x, y, loss_fn)
 
 
 def lookahead_params(theta: Tensor, grads: Tensor, lr) -> Tensor:
@@ -65,11 +78,8 @@ def lookahead_params(theta: Tensor, grads: Tensor, lr) -> Tensor:
 def lookahead_losses(model: nn.Module, lookahead: Tensor, x: Tensor, y: Tensor,
                      loss_fn: LossFn = F.mse_loss) -> Tensor:
     """[M, T] losses: ``out[i, j] = L_j(lookahead[i])`` in one nested vmap."""
-    flat = FlatParams(model)
-    fn = TaskFunctions(model, flat)
-    task_loss = fn.loss(loss_fn)
-    over_tasks = torch.func.vmap(task_loss, in_dims=(None, 0, 0))
-    return torch.func.vmap(over_tasks, in_dims=(0, None, None))(lookahead, x, y)
+    rows = _Rows(model, None)
+    return torch.func.vmap(lambda row: rows.losses(row, x, y, loss_fn))(lookahead)
 
 
 def lookahead_affinity(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.mse_loss, *,
@@ -83,20 +93,20 @@ def lookahead_affinity(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn =
     model's parameters); ``grads`` [T, P] may be given to skip computing them.
     No autograd graph is kept.
     """
-    T = check_task_batch("x", x, None)
-    check_task_batch("y", y, T)
+    T = check_inputs("x", x, None)
+    check_inputs("y", y, T)
     eval_x = x if eval_x is None else eval_x
     eval_y = y if eval_y is None else eval_y
-    check_task_batch("eval_x", eval_x, T)
-    check_task_batch("eval_y", eval_y, T)
+    check_inputs("eval_x", eval_x, T)
+    check_inputs("eval_y", eval_y, T)
     with torch.no_grad():
-        fn, theta = _setup(model, params)
-        theta = theta.detach()
+        rows = _Rows(model, params)
+        theta = rows.theta.detach()
         if grads is None:
-            grads = fn.grads(theta[None].expand(T, -1), x, y, loss_fn)
+            grads = rows.grads(x, y, loss_fn)
         ahead = lookahead_params(theta, grads.detach(), lr)
-        after = lookahead_losses(model, ahead, eval_x, eval_y, loss_fn)          # [T, T]
-        before = fn.losses(theta, eval_x, eval_y, loss_fn, in_dims=(None, 0, 0))  # [T]
+        after = lookahead_losses(model, ahead, eval_x, eval_y, loss_fn)  # [T, T]
+        before = rows.losses(theta, eval_x, eval_y, loss_fn)             # [T]
         z = 1.0 - after / before[None, :]
         if tag:
             z = z / lr
@@ -147,10 +157,10 @@ def choose_gradient(model: nn.Module, candidates: Tensor, x: Tensor, y: Tensor,
     one nested vmap).  Returns ``(index, totals [M])`` with
     ``totals[m] = sum_j w_j L_j(theta - lr c_m)``.
     """
-    T = check_task_batch("x", x, None)
-    check_task_batch("y", y, T)
+    T = check_inputs("x", x, None)
+    check_inputs("y", y, T)
     with torch.no_grad():
-        _, theta = _setup(model, params)
+        theta = _Rows(model, params).theta
         ahead = lookahead_params(theta.detach(), candidates.detach(), lr)
         losses = lookahead_losses(model, ahead, x, y, loss_fn)
         totals = losses.sum(dim=1) if task_weights is None else losses @ task_weights

@@ -1,11 +1,11 @@
-"""Tests for treepool.similarity (chunked pairwise cosine similarity)."""
+"""Tests for treepool.tree.similarity (chunked pairwise cosine similarity)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from treepool.similarity import (
+from treepool.tree.similarity import (
     cosine_distance_matrix,
     cosine_similarity_matrix,
     cross_cosine_similarity,

@@ -20,8 +20,7 @@ from .ops import (
 if native_available():
     from . import _autograd, _fake  # noqa: F401  (registrations of the native ops)
 
-from .tree import TaskTree
-from .soft_pooling import SoftTree, soft_broadcast, soft_segment_mean, soft_tree_update
+from .tree import SoftTree, TaskTree, soft_broadcast, soft_segment_mean, soft_tree_update
 from .meta import (MAML, InnerRate, LearnedTreeMAML, Reptile, SequentialReptile, TreeMAML,
                    tree_mean_weights)
 from .meta.flat_params import FlatParams

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..soft_pooling import SoftTree
-from ..tree import TaskTree
+from ..tree import SoftTree, TaskTree
 from .factored import FactoredLinears
 from .functional import Inputs, LossFn, Params, batch_statistics
 from .learner import InnerParams, MetaLearner

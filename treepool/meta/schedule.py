@@ -32,8 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..soft_pooling import SoftTree, soft_tree_update
-from ..tree import TaskTree
+from ..tree import SoftTree, TaskTree, soft_tree_update
 from .functional import (Inputs, LossFn, ModelFunctions, Params, exact_norms, reshape_rows,
                          take_rows)
 

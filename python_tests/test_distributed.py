@@ -210,6 +210,36 @@ def _spawn(worker, world_size, *args):
         warnings.warn(f"a rank died at teardown after passing every check: {exc}")
 
 
+def _disagree_worker(rank, world_size, port, done_dir):
+    """Rank 1 builds another tree (same T), then another model size: both refused on
+    every rank with a message that names what differs, no rank left waiting."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        tree = _random_tree(0 if rank == 0 else 1, 8)
+        with pytest.raises(ValueError, match=r"disagree on tree .*rank 1"):
+            ShardedTree(tree)
+        same = _random_tree(0, 8)
+        width = 4 if rank == 0 else 5
+        model = torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))
+        learner = treepool.TreeMAML(model, same, inner_lr=0.1, process_group=dist.group.WORLD)
+        with pytest.raises(ValueError, match=r"disagree on num_params"):
+            learner.local_tasks()
+        reptile = treepool.Reptile(model, process_group=dist.group.WORLD)
+        with pytest.raises(ValueError, match=r"disagree on num_params"):
+            reptile.step(torch.randn(2, 3, 2), torch.randn(2, 3, 1))
+        _mark_done(done_dir, rank)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_trees_or_models_are_refused():
+    """Issue 13 item 4: two Gloo ranks whose trees differ are refused, naming the tree."""
+    _spawn(_disagree_worker, 2)
+
+
 def test_sharded_tree_refuses_bad_split():
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     store = dist.HashStore()

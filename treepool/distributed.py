@@ -1,4 +1,4 @@
-"""Tasks sharded across processes with torch.distributed (DESIGN.md section 6).
+"""Tasks sharded across processes with torch.distributed (docs/design.md, section 7).
 
 Every rank holds the same :class:`~treepool.tree.TaskTree` and a contiguous block of
 its tasks in DFS order. At each level, a rank reduces its own rows per cluster with
@@ -13,12 +13,21 @@ for the clusters it holds, and keeps only those node parameters: the clusters th
 contain at least one of its tasks. The all-reduce is differentiable
 (``torch.distributed.nn.functional.all_reduce``), so outer gradients, second order
 included, cross ranks; summing every rank's meta-gradient gives the single-process one.
+
+Ranks must agree on the tree, the rows each holds, and the parameters' sizes and dtype:
+:func:`check_ranks_agree` compares a digest of them with one small collective when a
+sharded learner first meets a tree, and raises a ValueError that names what differs
+and on which rank (instead of a wrong result or a bare Gloo abort later).  A rank that
+stalls makes the others wait for the process group's ``timeout``
+(``torch.distributed.init_process_group(..., timeout=datetime.timedelta(...))``;
+torch's default is 30 minutes for Gloo): set a short one for interactive work.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,6 +62,34 @@ def _update(node_params: Tensor, parents: Tensor, S: Tensor, W: Tensor, lr: Rate
     return (base - rate * (S * masked_reciprocal(W)[:, None])).to(dtype)
 
 
+def tree_digest(tree: TaskTree) -> str:
+    """A short hash of a tree's task order and of every level's offsets and parents."""
+    h = hashlib.sha256()
+    h.update(tree.perm.numpy().astype("<i8").tobytes())
+    for level in range(1, tree.depth + 1):
+        h.update(b"|")
+        h.update(tree.offsets(level).numpy().astype("<i8").tobytes())
+        h.update(tree.parents(level).numpy().astype("<i8").tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_ranks_agree(group: Optional[dist.ProcessGroup] = None, **facts: Any) -> None:
+    """Raise a ValueError on every rank unless all ranks of ``group`` pass equal ``facts``
+    (e.g. ``tree=tree_digest(tree), num_params=P, dtype=...``); one all_gather_object.
+    The message names the first fact that differs and the ranks whose value differs
+    from rank 0's."""
+    world = dist.get_world_size(group)
+    gathered: List[Dict[str, Any]] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(gathered, {k: str(v) for k, v in facts.items()}, group=group)
+    for key in facts:
+        values = [g.get(key) for g in gathered]
+        odd = [r for r in range(world) if values[r] != values[0]]
+        if odd:
+            shown = ", ".join(f"rank {r}: {values[r]}" for r in [0] + odd[:3])
+            raise ValueError(f"the ranks disagree on {key} ({shown}); every rank must pass "
+                             f"the same {key} (rank {dist.get_rank(group)} raised this)")
+
+
 def even_split(num_tasks: int, world_size: int) -> List[int]:
     """Rows per rank, as even as possible, earlier ranks taking the remainder."""
     base, extra = divmod(num_tasks, world_size)
@@ -63,11 +100,13 @@ class ShardedTree:
     """A TaskTree whose DFS rows are divided among the ranks of a process group.
 
     tree: the same tree on every rank; rows_per_rank: how many DFS rows each rank
-    holds (default :func:`even_split`); group: the process group (default: world).
+    holds (default :func:`even_split`); group: the process group (default: world);
+    ``facts`` (e.g. ``num_params=P, dtype=...``) are checked to agree across ranks
+    together with the tree (:func:`check_ranks_agree`).
     """
 
     def __init__(self, tree: TaskTree, rows_per_rank: Optional[Sequence[int]] = None,
-                 group: Optional[dist.ProcessGroup] = None):
+                 group: Optional[dist.ProcessGroup] = None, **facts: Any):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("treepool.ShardedTree needs torch.distributed to be initialised "
                                "(torch.distributed.init_process_group)")
@@ -76,6 +115,9 @@ class ShardedTree:
         self.rank = dist.get_rank(group)
         counts = list(rows_per_rank) if rows_per_rank is not None else even_split(
             tree.num_tasks, self.world_size)
+        # before anything a single rank could refuse: every rank reaches the collective
+        check_ranks_agree(group, tree=tree_digest(tree), num_tasks=tree.num_tasks,
+                          rows_per_rank=[int(c) for c in counts], **facts)
         if len(counts) != self.world_size or any(int(c) < 0 for c in counts) \
                 or sum(counts) != tree.num_tasks:
             raise ValueError(f"rows_per_rank must give {self.world_size} non-negative counts "

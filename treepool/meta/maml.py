@@ -116,8 +116,9 @@ class TreeMAML(MetaLearner):
         key = ("sharded", id(tree))
         entry = self._schedules.get(key)
         if entry is None or entry[0] is not tree:
-            entry = self._schedules[key] = (tree, ShardedTree(tree, self.rows_per_rank,
-                                                              self.process_group))
+            sharded = ShardedTree(tree, self.rows_per_rank, self.process_group,
+                                  num_params=self.num_params, dtype=self.param_dtype)
+            entry = self._schedules[key] = (tree, sharded)
         return entry[1]
 
     def schedule(self, tree, num_tasks: int):

@@ -145,6 +145,8 @@ class Reptile(_ReptileBase):
             raise TypeError(f"tree must be a TaskTree or None, got {type(tree).__name__}")
         self.tree = tree
         self.process_group, self.rows_per_rank = process_group, rows_per_rank
+        self._ranks_checked = False
+        self._sharded = None
 
     def adapt(self, x: Inputs, y: Tensor, steps: Optional[int] = None, *,
               loss_fn: Optional[LossFn] = None) -> Params:
@@ -185,12 +187,18 @@ class Reptile(_ReptileBase):
         if self.process_group is None:
             order, offsets, weights = self._pool_args(T, first.device, first.dtype, tree)
             return {n: take_rows(p, order) for n, p in phi.items()}, offsets, weights
-        from ..distributed import ShardedTree, all_reduce_mean
+        from ..distributed import ShardedTree, all_reduce_mean, check_ranks_agree
 
         tree = self.tree if tree is None else tree
         weights = None
+        if tree is None and not self._ranks_checked:
+            check_ranks_agree(self.process_group, num_params=self.num_params, dtype=first.dtype)
+            self._ranks_checked = True
         if tree is not None:
-            sharded = ShardedTree(tree, self.rows_per_rank, self.process_group)
+            if self._sharded is None or self._sharded[0] is not tree:
+                self._sharded = (tree, ShardedTree(tree, self.rows_per_rank, self.process_group,
+                                                   num_params=self.num_params, dtype=first.dtype))
+            sharded = self._sharded[1]
             if T != sharded.num_local_tasks:
                 raise ValueError(f"this rank holds {sharded.num_local_tasks} of the tree's "
                                  f"{tree.num_tasks} tasks but the data have {T}")

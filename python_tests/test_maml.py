@@ -374,3 +374,19 @@ def test_conv_classifier_with_cross_entropy():
     want_loss = sum(loss(leaf[t], qx[t], qy[t]) for t in range(4)) / 4
     want, = torch.autograd.grad(want_loss, theta)
     assert rel_err(got, want) <= TOL
+
+
+def test_diverged_inner_loop_is_an_error_not_a_nan_model():
+    model = make_model()
+    batch = data(3)
+    learner = MAML(model, inner_lr=1e200, inner_steps=3)
+    with pytest.raises(FloatingPointError, match="non-finite query loss"):
+        learner.meta_loss(*batch)
+    quiet = MAML(model, inner_lr=1e200, inner_steps=3, check_finite=False)
+    assert not torch.isfinite(quiet.meta_loss(*batch))
+    for bad, err in (("0.1", TypeError), (-0.5, ValueError), (float("nan"), ValueError)):
+        with pytest.raises(err, match="inner_lr"):
+            MAML(model, inner_lr=bad)
+    for eps in (0.0, 1.5, float("inf")):
+        with pytest.raises(ValueError, match="outer_lr"):
+            treepool.Reptile(model, outer_lr=eps)

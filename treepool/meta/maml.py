@@ -62,6 +62,8 @@ class TreeMAML(MetaLearner):
         factored: per-task ``nn.Linear`` weights of the leaf steps kept as low-rank
             updates (:mod:`treepool.meta.factored`): 'auto' (default: where it pays),
             'always' (every eligible layer) or 'never' (dense).
+        check_finite: raise ``FloatingPointError`` when a task's query loss is inf or
+            NaN (a diverged inner loop) instead of returning it; one host sync per call.
 
     Data are tensors ``[T, n, ...]`` (or tuples of them, passed as ``model(*x)``) in the
     tree's original task order; the DFS permutation is internal.
@@ -72,8 +74,9 @@ class TreeMAML(MetaLearner):
                  lr_mode: str = "fixed", first_order: bool = False,
                  loss_fn: LossFn = F.mse_loss, inner_params: InnerParams = None,
                  randomness: str = "different", process_group=None, rows_per_rank=None,
-                 factored: str = "auto"):
+                 factored: str = "auto", check_finite: bool = True):
         super().__init__(model, inner_params, randomness)
+        self.check_finite = bool(check_finite)
         self.factored = FactoredLinears(model, self.fns, factored)
         if tree is not None and not isinstance(tree, (TaskTree, SoftTree)):
             raise TypeError(f"tree must be a TaskTree, a SoftTree or None, got {type(tree).__name__}")
@@ -237,6 +240,12 @@ class TreeMAML(MetaLearner):
                 except (RuntimeError, TypeError, ValueError) as error:
                     self.fns.diagnose("query_x", rows, qx, error)
                     raise
+        if self.check_finite and not bool(torch.isfinite(losses.detach()).all()):
+            bad = int((~torch.isfinite(losses.detach())).sum())
+            raise FloatingPointError(
+                f"{bad} of {losses.numel()} tasks have a non-finite query loss: the inner loop "
+                f"diverged or the data hold inf/NaN (inner_lr={self.inner_rate.extra_repr()}); "
+                "lower inner_lr, or pass check_finite=False to get the NaN instead")
         if reduction == "mean" and self.distributed:
             return losses.sum() / self._tree(tree, T).num_tasks  # summed over the ranks
         if reduction == "mean":
@@ -265,7 +274,8 @@ class MAML(TreeMAML):
                  inner_steps: int = 1, num_tasks: Optional[int] = None, lr_mode: str = "fixed",
                  first_order: bool = False, loss_fn: LossFn = F.mse_loss,
                  inner_params: InnerParams = None, randomness: str = "different",
-                 process_group=None, rows_per_rank=None, factored: str = "auto"):
+                 process_group=None, rows_per_rank=None, factored: str = "auto",
+                 check_finite: bool = True):
         if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int)
                                       or num_tasks < 1):
             raise ValueError(f"num_tasks must be an int >= 1 or None, got {num_tasks!r}")
@@ -276,7 +286,8 @@ class MAML(TreeMAML):
         super().__init__(model, tree, inner_lr=inner_lr, inner_steps=inner_steps, lr_mode=lr_mode,
                          first_order=first_order, loss_fn=loss_fn, inner_params=inner_params,
                          randomness=randomness, process_group=process_group,
-                         rows_per_rank=rows_per_rank, factored=factored)
+                         rows_per_rank=rows_per_rank, factored=factored,
+                         check_finite=check_finite)
         self._flat_trees = {}
 
     def _tree(self, tree, num_tasks: int):

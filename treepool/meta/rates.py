@@ -29,8 +29,10 @@ LR_MODES = ("fixed", "per_step", "per_layer", "per_step_layer", "per_parameter",
 Rate = Union[float, Tensor, Dict[str, Tensor]]
 
 
-def check_rate_value(name: str, value, allow_tensor: bool = True, upper: Optional[float] = None):
-    """A finite non-negative float (or tensor of them); TypeError / ValueError naming ``name``."""
+def check_rate_value(name: str, value, allow_tensor: bool = True, upper: Optional[float] = None,
+                     positive: bool = False):
+    """A finite non-negative float (or tensor of them), at most ``upper`` and non-zero when
+    ``positive``; TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float{' or a tensor' if allow_tensor else ''}, "
                         f"got {type(value).__name__} {value!r}")
@@ -42,15 +44,15 @@ def check_rate_value(name: str, value, allow_tensor: bool = True, upper: Optiona
         v = value.detach()
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} must be finite, got {value}")
-        if bool((v < 0).any()):
-            raise ValueError(f"{name} must be non-negative, got {value}")
+        if bool((v < 0).any()) or (positive and bool((v == 0).any())):
+            raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {value}")
         if upper is not None and bool((v > upper).any()):
             raise ValueError(f"{name} must be at most {upper}, got {value}")
         return value
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be non-negative, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {value!r}")
     if upper is not None and value > upper:
         raise ValueError(f"{name} must be at most {upper}, got {value!r}")
     return float(value)

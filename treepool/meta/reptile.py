@@ -88,7 +88,7 @@ class _ReptileBase(MetaLearner):
         super().__init__(model, inner_params, randomness)
         self.inner_lr = check_rate_value("inner_lr", inner_lr, allow_tensor=False)
         self.inner_steps = _check_int(inner_steps, "inner_steps", 0)
-        self.outer_lr = check_rate_value("outer_lr", outer_lr, upper=1.0)
+        self.outer_lr = check_rate_value("outer_lr", outer_lr, upper=1.0, positive=True)
         if batch_size is not None:
             _check_int(batch_size, "batch_size", 1)
         self.batch_size = batch_size
@@ -99,7 +99,7 @@ class _ReptileBase(MetaLearner):
 
     def _move_towards(self, target: Params, offsets: Tensor, weights, eps) -> None:
         """theta <- theta + eps (pooled target - theta), in place on the model's parameters."""
-        eps = self.outer_lr if eps is None else check_rate_value("eps", eps, upper=1.0)
+        eps = self.outer_lr if eps is None else check_rate_value("eps", eps, upper=1.0, positive=True)
         with torch.no_grad():
             for name, p in self.theta().items():
                 t = target[name]
@@ -123,7 +123,7 @@ class Reptile(_ReptileBase):
         model: any ``nn.Module``; its parameters are theta.
         inner_lr: alpha, the inner SGD step size.
         inner_steps: k, SGD steps per task.
-        outer_lr: eps in [0, 1], the step size of :meth:`step`.
+        outer_lr: eps in (0, 1], the step size of :meth:`step`.
         tree: optional :class:`TaskTree` over the T tasks of a batch: hierarchical
             Reptile (pool phi per cluster, from the leaves up).
         batch_size: examples per inner step drawn from each task's data (None: all).

@@ -67,6 +67,7 @@ def extension():
 
 setup(
     packages=find_packages(include=["treepool", "treepool.*"]),
+    package_data={"treepool": ["py.typed"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

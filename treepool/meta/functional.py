@@ -217,6 +217,17 @@ class ModelFunctions:
                              in_dims=(None if shared else 0, 0, 0), randomness=self.randomness)
         return fn(params, xs, ys)
 
+    def grouped_grads(self, params: Params, xs: Inputs, ys: Tensor, loss_fn: LossFn,
+                      per_node: bool) -> Params:
+        """``{name: [G, k, *shape]}`` for G parent nodes (``params`` [G, *shape]) with k
+        children each: child j of parent g starts from the parent's parameters, shared by
+        its k siblings (one weight per parent in every matmul, no gathered copy).  Data
+        are ``[G, k, m, n, ...]`` (``per_node``: a child's gradient is that of the mean
+        loss of its m tasks) or ``[G, k, n, ...]`` (one task per child)."""
+        inner = torch.func.grad(self.node_loss(loss_fn) if per_node else self.task_loss(loss_fn))
+        siblings = torch.func.vmap(inner, in_dims=(None, 0, 0), randomness=self.randomness)
+        return torch.func.vmap(siblings, randomness=self.randomness)(params, xs, ys)
+
     def weighted_node_grads(self, params: Params, xs: Inputs, ys: Tensor, weights: Tensor,
                             loss_fn: LossFn, shared: bool = False) -> Params:
         """:meth:`node_grads` of ``sum_j weights[c, j] * L_j`` (``weights`` [C, m]; zero

@@ -203,6 +203,24 @@ void check_no_overlap(const char* op, const char* out_name, const Tensor& out, c
   if (t && overlaps(out, *t)) TP_FAIL(op, out_name, " must not overlap ", name);
 }
 
+void check_list(const char* op, const char* name, at::TensorList ts) {
+  if (ts.empty()) TP_FAIL(op, name, " must be a tensor or a non-empty list of tensors");
+  const std::string first = std::string(name) + "[0]";
+  for (size_t i = 1; i < ts.size(); ++i) {
+    const std::string here = std::string(name) + "[" + std::to_string(i) + "]";
+    check_same(op, here.c_str(), ts[i], first.c_str(), ts[0]);
+    check_same_dtype(op, here.c_str(), ts[i], first.c_str(), ts[0]);
+    if (ts[i].size(0) != ts[0].size(0))
+      TP_FAIL(op, here, " has ", ts[i].size(0), " rows but ", first, " has ", ts[0].size(0));
+  }
+}
+
+void check_same_length(const char* op, const char* name, size_t n, const char* ref_name,
+                       size_t ref_n) {
+  if (n != ref_n)
+    TP_FAIL(op, name, " has ", n, " tensors but ", ref_name, " has ", ref_n);
+}
+
 void check_offsets_values(const char* op, const Tensor& offsets, int64_t num_rows,
                           const char* x_name) {
   auto o = offsets.contiguous();

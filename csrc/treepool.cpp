@@ -9,7 +9,18 @@
 //   tree_update(node, grads)       out[c] = node[parents[c]] - lr * segment_mean(grads)[c]
 //   reptile_update(theta, phi)     out[c] = theta[c] + eps * (segment_mean(phi)[c] - theta[c])
 // A rate is `lr` (a float) unless `lr_tensor` (0-d or [P]) is given, which replaces it.
+//
+// Each op also has a multi-tensor form, `<op>_multi`, over a list of [N, P_i] buffers
+// (one per model parameter, sharing rows, offsets, weights, dtype and device) in one
+// dispatch; its rate tensors are a list too, one per buffer. The single-tensor form
+// runs as the list of one.
+//
+// The in-place ops go through torch's ADInplaceOrView and Autograd fallbacks: the
+// version counter of every tensor they write is bumped (a tensor saved for backward
+// and then overwritten makes backward raise), and writing into a leaf that requires
+// grad raises, as torch's own in-place ops do.
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <string>
@@ -32,6 +43,39 @@ TORCH_LIBRARY(treepool, m) {
   m.def(
       "reptile_update_(Tensor(a!) theta, Tensor phi, Tensor offsets, Tensor? weights=None, "
       "float eps=1.0, Tensor? eps_tensor=None) -> ()");
+
+  m.def("segment_sum_multi(Tensor[] x, Tensor offsets, Tensor? weights=None) -> Tensor[]");
+  m.def("segment_mean_multi(Tensor[] x, Tensor offsets, Tensor? weights=None) -> Tensor[]");
+  m.def(
+      "segment_broadcast_multi(Tensor[] g, Tensor offsets, Tensor? weights, bool mean, "
+      "SymInt num_rows) -> Tensor[]");
+  m.def(
+      "tree_update_multi(Tensor[] node_params, Tensor[] grads, Tensor offsets, "
+      "Tensor parents, Tensor? weights=None, float lr=1.0, Tensor[]? lr_tensor=None) "
+      "-> Tensor[]");
+  m.def(
+      "tree_update_multi_(Tensor(a!)[] out, Tensor[] node_params, Tensor[] grads, "
+      "Tensor offsets, Tensor parents, Tensor? weights=None, float lr=1.0, "
+      "Tensor[]? lr_tensor=None) -> ()");
+  m.def(
+      "reptile_update_multi(Tensor[] theta, Tensor[] phi, Tensor offsets, "
+      "Tensor? weights=None, float eps=1.0, Tensor[]? eps_tensor=None) -> Tensor[]");
+  m.def(
+      "reptile_update_multi_(Tensor(a!)[] theta, Tensor[] phi, Tensor offsets, "
+      "Tensor? weights=None, float eps=1.0, Tensor[]? eps_tensor=None) -> ()");
+}
+
+// The in-place ops: autograd sees their writes (see the top of this file).
+TORCH_LIBRARY_IMPL(treepool, ADInplaceOrView, m) {
+  for (const char* op :
+       {"tree_update_", "reptile_update_", "tree_update_multi_", "reptile_update_multi_"})
+    m.impl(op, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+}
+
+TORCH_LIBRARY_IMPL(treepool, Autograd, m) {
+  for (const char* op :
+       {"tree_update_", "reptile_update_", "tree_update_multi_", "reptile_update_multi_"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace {

@@ -18,7 +18,7 @@ from .ops import (
 )
 
 if native_available():
-    from . import _autograd, _fake  # noqa: F401  (registrations of the native ops)
+    from . import _autograd, _autograd_multi, _fake  # noqa: F401  (registrations)
 
 from .flat_params import FlatParams
 from .tree import TaskTree

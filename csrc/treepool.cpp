@@ -15,12 +15,9 @@
 // dispatch; its rate tensors are a list too, one per buffer. The single-tensor form
 // runs as the list of one.
 //
-// The in-place ops go through torch's ADInplaceOrView and Autograd fallbacks: the
-// version counter of every tensor they write is bumped (a tensor saved for backward
-// and then overwritten makes backward raise), and writing into a leaf that requires
-// grad raises, as torch's own in-place ops do.
+// The in-place ops have Autograd and ADInplaceOrView kernels (inplace_autograd.cpp)
+// so that autograd sees what they write.
 #include <Python.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <string>
@@ -63,19 +60,6 @@ TORCH_LIBRARY(treepool, m) {
   m.def(
       "reptile_update_multi_(Tensor(a!)[] theta, Tensor[] phi, Tensor offsets, "
       "Tensor? weights=None, float eps=1.0, Tensor[]? eps_tensor=None) -> ()");
-}
-
-// The in-place ops: autograd sees their writes (see the top of this file).
-TORCH_LIBRARY_IMPL(treepool, ADInplaceOrView, m) {
-  for (const char* op :
-       {"tree_update_", "reptile_update_", "tree_update_multi_", "reptile_update_multi_"})
-    m.impl(op, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-}
-
-TORCH_LIBRARY_IMPL(treepool, Autograd, m) {
-  for (const char* op :
-       {"tree_update_", "reptile_update_", "tree_update_multi_", "reptile_update_multi_"})
-    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
 namespace {

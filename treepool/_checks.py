@@ -25,6 +25,11 @@ def _fail(op: str, message: str, kind=ValueError):
     raise kind(f"treepool.{op}: {message}")
 
 
+def _rows(n: int) -> str:
+    """"1 row", "2 rows"."""
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
 def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(int(s)) for s in t.shape) + "]"
 
@@ -134,7 +139,7 @@ def check_parents_values(op: str, parents: Tensor, num_nodes: int) -> None:
     for i, v in enumerate(p):
         if v < 0 or v >= num_nodes:
             _fail(op, f"parents[{i}] = {v} is out of range for node_params with "
-                      f"{num_nodes} rows")
+                      f"{_rows(num_nodes)}")
         if i + 1 < len(p) and v > p[i + 1]:
             _fail(op, f"parents must be non-decreasing (clusters in DFS order), but "
                       f"parents[{i}] = {v} > parents[{i + 1}] = {p[i + 1]}")
@@ -148,6 +153,10 @@ def check_weights_values(op: str, weights: Optional[Tensor]) -> None:
         i = int(bad.nonzero()[0, 0])
         _fail(op, f"weights must be non-negative, got weights[{i}] = "
                   f"{float(weights[i]):g}")
+    inf = torch.isinf(weights.detach())
+    if bool(inf.any()):
+        i = int(inf.nonzero()[0, 0])
+        _fail(op, f"weights must be finite, got weights[{i}] = {float(weights[i]):g}")
 
 
 # ----------------------------------------------------------------------------- per op
@@ -186,7 +195,7 @@ def reptile_update_args(op: str, theta: Tensor, phi: Tensor, offsets: Tensor,
     C = check_segments(op, "phi", phi, offsets, weights)
     check_node_rows(op, "theta", theta, "phi", phi)
     if theta.shape[0] != C:
-        _fail(op, f"theta must have one row per cluster: {C} rows (offsets has {C + 1} "
+        _fail(op, f"theta must have one row per cluster: {_rows(C)} (offsets has {C + 1} "
                   f"entries), got {theta.shape[0]}")
     check_rate(op, "eps", eps_tensor, "phi", phi)
     if values:
@@ -204,7 +213,7 @@ def broadcast_args(op: str, g: Tensor, offsets: Tensor, weights: Optional[Tensor
     if C < 0:
         _fail(op, "offsets must have at least one element (offsets[0] = 0)")
     if g.shape[0] != C:
-        _fail(op, f"g must have one row per cluster: {C} rows (offsets has {C + 1} "
+        _fail(op, f"g must have one row per cluster: {_rows(C)} (offsets has {C + 1} "
                   f"entries), got {g.shape[0]}")
     if weights is not None:
         if not isinstance(weights, Tensor):
@@ -230,9 +239,29 @@ def _span(t: Tensor):
     return lo, lo + (extent + 1) * t.element_size()
 
 
+def _interleaved_disjoint(a: Tensor, b: Tensor) -> bool:
+    """Whether two [rows, P] tensors with the same row stride s and unit column stride
+    interleave without a common element: a holds columns [0, Pa) of every row of s
+    elements, b columns [d, d + Pb) (mod s), d being b's start relative to a's
+    (theta = buf[:, :P] and phi = buf[:, P:] are disjoint though their spans overlap)."""
+    if a.dim() != 2 or b.dim() != 2 or a.element_size() != b.element_size():
+        return False
+    s, pa, pb = a.stride(0), a.shape[1], b.shape[1]
+    if s != b.stride(0) or s <= 0 or a.shape[0] < 2 or b.shape[0] < 2:
+        return False
+    if (pa > 1 and a.stride(1) != 1) or (pb > 1 and b.stride(1) != 1) or pa > s or pb > s:
+        return False
+    diff = b.data_ptr() - a.data_ptr()
+    if diff % a.element_size():
+        return False
+    d = (diff // a.element_size()) % s
+    return d >= pa and d + pb <= s
+
+
 def overlaps(a: Tensor, b: Tensor) -> bool:
     sa, sb = _span(a), _span(b)
-    return sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
+    return (sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
+            and not _interleaved_disjoint(a, b))
 
 
 def same_memory(a: Tensor, b: Tensor) -> bool:

@@ -60,7 +60,11 @@ def _weighted_sums(x: Tensor, offsets: Tensor, weights: Optional[Tensor]):
     T, P = x.shape
     C = offsets.numel() - 1
     rows = cluster_of_rows(offsets, T)
-    w = torch.ones(T, dtype=acc, device=x.device) if weights is None else weights.to(acc)
+    if weights is None:
+        S = torch.zeros(C, P, dtype=acc, device=x.device).index_add(0, rows, x.to(acc))
+        W = (offsets[1:] - offsets[:-1]).to(acc)
+        return S, W
+    w = weights.to(acc)
     S = torch.zeros(C, P, dtype=acc, device=x.device).index_add(0, rows, x.to(acc) * w[:, None])
     W = torch.zeros(C, dtype=acc, device=x.device).index_add(0, rows, w)
     return S, W

@@ -222,14 +222,15 @@ def test_opcheck_multi(index):
 # ----------------------------------------------------------------------------- MAML level
 
 
+@params("form", ["list", "single"])
 @params("backend", BACKENDS)
 @params("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_maml_level_fast_path_equals_segment_path(backend, dtype):
+def test_maml_level_fast_path_equals_segment_path(backend, dtype, form):
     """One row per cluster and identity parents (plus a childless node): the fast path
     (no weights) gives bitwise what the segment path gives (weights of one)."""
     T = 6
     offsets, parents = torch.arange(T + 1), torch.arange(T)
-    shapes = [(), (3,), (2, 2)]
+    shapes = [(), (3,), (2, 2)] if form == "list" else [(5,)]
     grad_req = dtype != torch.bfloat16
 
     def make():
@@ -242,7 +243,10 @@ def test_maml_level_fast_path_equals_segment_path(backend, dtype):
     for weights in (None, torch.ones(T, dtype=dtype)):
         x, node, lr = make()
         with treepool.use_backend(backend):
-            out = treepool.tree_update(node, x, offsets, parents, lr, weights)
+            if form == "list":
+                out = treepool.tree_update(node, x, offsets, parents, lr, weights)
+            else:
+                out = [treepool.tree_update(node[0], x[0], offsets, parents, lr[0], weights)]
             grads = []
             if grad_req:
                 g = gen(1)
@@ -252,6 +256,30 @@ def test_maml_level_fast_path_equals_segment_path(backend, dtype):
     (fast, fast_grads), (seg, seg_grads) = results
     for a, b in zip(fast + list(fast_grads), seg + list(seg_grads)):
         assert torch.equal(a, b)
+
+
+@needs_native
+def test_maml_level_backward_runs_no_segment_pass(monkeypatch):
+    """The backward of a MAML level calls no treepool op at all (single and list form)."""
+    import treepool._autograd as single
+    import treepool._autograd_multi as multi
+
+    class NoSegmentPass:
+        def __getattr__(self, name):
+            raise AssertionError(f"the backward of a MAML level ran treepool.{name}")
+
+    monkeypatch.setattr(single, "ops", NoSegmentPass())
+    monkeypatch.setattr(multi, "ops", NoSegmentPass())
+    T = 4
+    offsets, parents = torch.arange(T + 1), torch.arange(T)
+    node = [torch.randn(T, 3, requires_grad=True), torch.randn(T, requires_grad=True)]
+    x = [torch.randn(T, 3, requires_grad=True), torch.randn(T, requires_grad=True)]
+    lr = [torch.rand(3, requires_grad=True), torch.rand((), requires_grad=True)]
+    out = treepool.tree_update(node, x, offsets, parents, lr)
+    out += [treepool.tree_update(node[0], x[0], offsets, parents, lr[0])]
+    grads = torch.autograd.grad(sum(o.sum() for o in out), node + x + lr)
+    assert torch.equal(grads[0], torch.full((T, 3), 2.0))
+    assert torch.equal(grads[2], -2 * lr[0].detach().expand(T, 3))
 
 
 def test_maml_level_is_detected_exactly():

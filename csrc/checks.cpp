@@ -36,6 +36,9 @@ std::string shape_str(const Tensor& t) {
   return s + "]";
 }
 
+// "1 row", "2 rows".
+std::string rows_str(int64_t n) { return std::to_string(n) + (n == 1 ? " row" : " rows"); }
+
 // Python's "%g" of a double.
 std::string g_format(double v) {
   if (std::isnan(v)) return "nan";  // printf may write "-nan"
@@ -87,10 +90,28 @@ std::pair<uintptr_t, uintptr_t> span(const Tensor& t) {
   return {lo, lo + static_cast<uintptr_t>((extent + 1) * t.element_size())};
 }
 
+// Whether two [rows, P] tensors with the same row stride s and unit column stride
+// interleave without a common element: a holds the columns [0, Pa) of every row of s
+// elements, b the columns [d, d + Pb) (mod s) where d is b's start relative to a's
+// (theta = buf[:, :P] and phi = buf[:, P:] are disjoint though their spans overlap).
+bool interleaved_disjoint(const Tensor& a, const Tensor& b) {
+  if (a.dim() != 2 || b.dim() != 2 || a.element_size() != b.element_size()) return false;
+  const int64_t s = a.stride(0), pa = a.size(1), pb = b.size(1);
+  if (s != b.stride(0) || s <= 0 || a.size(0) < 2 || b.size(0) < 2) return false;
+  if ((pa > 1 && a.stride(1) != 1) || (pb > 1 && b.stride(1) != 1) || pa > s || pb > s)
+    return false;
+  const intptr_t diff = reinterpret_cast<intptr_t>(b.data_ptr()) -
+                        reinterpret_cast<intptr_t>(a.data_ptr());
+  const intptr_t es = static_cast<intptr_t>(a.element_size());
+  if (diff % es != 0) return false;
+  const int64_t d = ((static_cast<int64_t>(diff / es) % s) + s) % s;
+  return d >= pa && d + pb <= s;
+}
+
 bool overlaps(const Tensor& a, const Tensor& b) {
   auto sa = span(a), sb = span(b);
   return sa.first != sa.second && sb.first != sb.second && sa.first < sb.second &&
-         sb.first < sa.second;
+         sb.first < sa.second && !interleaved_disjoint(a, b);
 }
 
 bool same_memory(const Tensor& a, const Tensor& b) {
@@ -162,7 +183,7 @@ int64_t check_reptile_update_args(const char* op, const Tensor& theta, const Ten
   int64_t C = check_segments(op, "phi", phi, offsets, weights);
   check_node_rows(op, "theta", theta, "phi", phi);
   if (theta.size(0) != C)
-    TP_FAIL(op, "theta must have one row per cluster: ", C, " rows (offsets has ", C + 1,
+    TP_FAIL(op, "theta must have one row per cluster: ", rows_str(C), " (offsets has ", C + 1,
             " entries), got ", theta.size(0));
   check_rate(op, "eps", eps_tensor, "phi", phi);
   return C;
@@ -176,7 +197,7 @@ int64_t check_broadcast_args(const char* op, const Tensor& g, const Tensor& offs
   int64_t C = offsets.numel() - 1;
   if (C < 0) TP_FAIL(op, "offsets must have at least one element (offsets[0] = 0)");
   if (g.size(0) != C)
-    TP_FAIL(op, "g must have one row per cluster: ", C, " rows (offsets has ", C + 1,
+    TP_FAIL(op, "g must have one row per cluster: ", rows_str(C), " (offsets has ", C + 1,
             " entries), got ", g.size(0));
   if (weights) {
     check_same(op, "weights", *weights, "g", g);
@@ -203,6 +224,24 @@ void check_no_overlap(const char* op, const char* out_name, const Tensor& out, c
   if (t && overlaps(out, *t)) TP_FAIL(op, out_name, " must not overlap ", name);
 }
 
+void check_list(const char* op, const char* name, at::TensorList ts) {
+  if (ts.empty()) TP_FAIL(op, name, " must be a tensor or a non-empty list of tensors");
+  const std::string first = std::string(name) + "[0]";
+  for (size_t i = 1; i < ts.size(); ++i) {
+    const std::string here = std::string(name) + "[" + std::to_string(i) + "]";
+    check_same(op, here.c_str(), ts[i], first.c_str(), ts[0]);
+    check_same_dtype(op, here.c_str(), ts[i], first.c_str(), ts[0]);
+    if (ts[i].size(0) != ts[0].size(0))
+      TP_FAIL(op, here, " has ", ts[i].size(0), " rows but ", first, " has ", ts[0].size(0));
+  }
+}
+
+void check_same_length(const char* op, const char* name, size_t n, const char* ref_name,
+                       size_t ref_n) {
+  if (n != ref_n)
+    TP_FAIL(op, name, " has ", n, " tensors but ", ref_name, " has ", ref_n);
+}
+
 void check_offsets_values(const char* op, const Tensor& offsets, int64_t num_rows,
                           const char* x_name) {
   auto o = offsets.contiguous();
@@ -225,7 +264,7 @@ void check_parents_values(const char* op, const Tensor& parents, int64_t num_nod
   for (int64_t i = 0; i < n; ++i) {
     if (v[i] < 0 || v[i] >= num_nodes)
       TP_FAIL(op, "parents[", i, "] = ", v[i], " is out of range for node_params with ",
-              num_nodes, " rows");
+              rows_str(num_nodes));
     if (i + 1 < n && v[i] > v[i + 1])
       TP_FAIL(op, "parents must be non-decreasing (clusters in DFS order), but parents[", i,
               "] = ", v[i], " > parents[", i + 1, "] = ", v[i + 1]);
@@ -239,6 +278,9 @@ void check_weights_values(const char* op, const OptTensor& weights) {
   for (int64_t i = 0; i < w.numel(); ++i)
     if (!(v[i] >= 0))  // NaN too
       TP_FAIL(op, "weights must be non-negative, got weights[", i, "] = ", g_format(v[i]));
+  for (int64_t i = 0; i < w.numel(); ++i)
+    if (std::isinf(v[i]))
+      TP_FAIL(op, "weights must be finite, got weights[", i, "] = ", g_format(v[i]));
 }
 
 void check_tree_update_values(const char* op, const Tensor& node_params, const Tensor& grads,

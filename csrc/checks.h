@@ -48,6 +48,16 @@ void check_out(const char* op, const Tensor& out, const char* out_name, const Te
 void check_no_overlap(const char* op, const char* out_name, const Tensor& out,
                       const char* name, const OptTensor& t);
 
+// --- list forms ------------------------------------------------------------------
+
+// A list form's tensors (already checked one by one) agree with ts[0]: device, dtype
+// and number of rows; the list is not empty.
+void check_list(const char* op, const char* name, at::TensorList ts);
+
+// Two lists of one tensor per model parameter have the same length.
+void check_same_length(const char* op, const char* name, size_t n, const char* ref_name,
+                       size_t ref_n);
+
 // --- values (index tensors on the CPU) -------------------------------------------
 
 void check_offsets_values(const char* op, const Tensor& offsets, int64_t num_rows,

@@ -9,6 +9,14 @@
 //   tree_update(node, grads)       out[c] = node[parents[c]] - lr * segment_mean(grads)[c]
 //   reptile_update(theta, phi)     out[c] = theta[c] + eps * (segment_mean(phi)[c] - theta[c])
 // A rate is `lr` (a float) unless `lr_tensor` (0-d or [P]) is given, which replaces it.
+//
+// Each op also has a multi-tensor form, `<op>_multi`, over a list of [N, P_i] buffers
+// (one per model parameter, sharing rows, offsets, weights, dtype and device) in one
+// dispatch; its rate tensors are a list too, one per buffer. The single-tensor form
+// runs as the list of one.
+//
+// The in-place ops have Autograd and ADInplaceOrView kernels (inplace_autograd.cpp)
+// so that autograd sees what they write.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -32,6 +40,26 @@ TORCH_LIBRARY(treepool, m) {
   m.def(
       "reptile_update_(Tensor(a!) theta, Tensor phi, Tensor offsets, Tensor? weights=None, "
       "float eps=1.0, Tensor? eps_tensor=None) -> ()");
+
+  m.def("segment_sum_multi(Tensor[] x, Tensor offsets, Tensor? weights=None) -> Tensor[]");
+  m.def("segment_mean_multi(Tensor[] x, Tensor offsets, Tensor? weights=None) -> Tensor[]");
+  m.def(
+      "segment_broadcast_multi(Tensor[] g, Tensor offsets, Tensor? weights, bool mean, "
+      "SymInt num_rows) -> Tensor[]");
+  m.def(
+      "tree_update_multi(Tensor[] node_params, Tensor[] grads, Tensor offsets, "
+      "Tensor parents, Tensor? weights=None, float lr=1.0, Tensor[]? lr_tensor=None) "
+      "-> Tensor[]");
+  m.def(
+      "tree_update_multi_(Tensor(a!)[] out, Tensor[] node_params, Tensor[] grads, "
+      "Tensor offsets, Tensor parents, Tensor? weights=None, float lr=1.0, "
+      "Tensor[]? lr_tensor=None) -> ()");
+  m.def(
+      "reptile_update_multi(Tensor[] theta, Tensor[] phi, Tensor offsets, "
+      "Tensor? weights=None, float eps=1.0, Tensor[]? eps_tensor=None) -> Tensor[]");
+  m.def(
+      "reptile_update_multi_(Tensor(a!)[] theta, Tensor[] phi, Tensor offsets, "
+      "Tensor? weights=None, float eps=1.0, Tensor[]? eps_tensor=None) -> ()");
 }
 
 namespace {

@@ -147,8 +147,9 @@ def test_rows_not_a_tensor(op, device):
     b = Inputs(device)
     key = "g" if op == "segment_broadcast" else "x"
     bad = b.g.tolist() if op == "segment_broadcast" else b.x.tolist()
+    # A list is the list form (one tensor per parameter): its rows are not tensors.
     expect_error(lambda: b.call(op, **{key: bad}), TypeError,
-                 msg(op, f"{ROWS_NAME[op]} must be a tensor, got list"))
+                 msg(op, f"{ROWS_NAME[op]}[0] must be a tensor, got list"))
 
 
 # ----------------------------------------------------------------------------- offsets

@@ -18,7 +18,7 @@ from .ops import (
 )
 
 if native_available():
-    from . import _autograd, _fake  # noqa: F401  (registrations of the native ops)
+    from . import _autograd, _autograd_multi, _fake  # noqa: F401  (registrations)
 
 from .tree import SoftTree, TaskTree, soft_broadcast, soft_segment_mean, soft_tree_update
 from .meta import (MAML, InnerRate, LearnedTreeMAML, Reptile, SequentialReptile, TreeMAML,

@@ -10,11 +10,17 @@ With m = segment_mean(x, offsets, w), W_c = sum_{t in c} w_t and c = c(t):
 and for s = segment_sum(x, offsets, w):
     dL/dx_t = w_t dL/ds_c,    dL/dw_t = <dL/ds_c, x_t>.
 A cluster of zero total weight has output 0 and passes back 0.
+
+A MAML level (no weights, one row per cluster, parents the identity) has no segment
+to pass over: the backward of out = node - lr * grads is dL/dnode = dL/dout and
+dL/dgrads = -lr dL/dout, one multiply per tensor (see is_maml_level).
 """
 
 from __future__ import annotations
 
 import torch
+
+from torch._subclasses.fake_tensor import is_fake
 
 from .reference import masked_reciprocal
 
@@ -52,6 +58,29 @@ def _mean_backward(grad, x, offsets, weights, mean, need_x, need_w):
         per_cluster = ops.segment_broadcast(_row_dots(grad, mean), offsets, None, False, T)
         gw = ((per_row - per_cluster) * _inv_total_per_row(offsets, weights, T))[:, 0]
     return gx, gw
+
+
+def is_maml_level(offsets, parents, weights, num_rows) -> bool:
+    """Whether a tree update is a MAML level: no weights, offsets == arange(T + 1) and
+    parents == arange(T). The values are read (a sync on CUDA, as the forward's checks
+    are) only when the shapes already fit; fake tensors and torch.compile get False,
+    which takes the general path (the same result)."""
+    if weights is not None or torch.compiler.is_compiling() or is_fake(offsets):
+        return False
+    C = offsets.shape[0] - 1
+    if C != num_rows or parents.shape[0] != C or offsets.device.type == "meta":
+        return False
+    steps = torch.arange(C + 1, device=offsets.device)
+    return torch.equal(offsets, steps) and torch.equal(parents, steps[:C])
+
+
+def node_grad_of_level(grad, num_nodes):
+    """dL/dnode_params of a MAML level: dL/dout, with zero rows for the nodes that have
+    no child (parents == arange(C) leaves the rows C.. of node_params unused)."""
+    C = grad.shape[0]
+    if C == num_nodes:
+        return grad
+    return torch.cat([grad, grad.new_zeros(num_nodes - C, *grad.shape[1:])])
 
 
 def _needs(ctx, n):
@@ -119,6 +148,7 @@ def _segment_broadcast_backward(ctx, grad):
 def _setup_tree_update(ctx, inputs, output):
     node_params, grads, offsets, parents, weights, lr, lr_tensor = inputs
     ctx.lr, ctx.num_nodes = lr, node_params.shape[0]
+    ctx.identity = is_maml_level(offsets, parents, weights, grads.shape[0])
     ctx.save_for_backward(grads, offsets, parents, weights, lr_tensor)
 
 
@@ -128,6 +158,12 @@ def _tree_update_backward(ctx, grad):
     need_w = need[4] and weights is not None
     need_lr = need[6] and lr_tensor is not None
     g_node = g_grads = g_w = g_lr = None
+    if ctx.identity:  # a MAML level: one multiply per input, no segment pass
+        rate = lr_tensor if lr_tensor is not None else ctx.lr
+        g_node = node_grad_of_level(grad, ctx.num_nodes) if need[0] else None
+        g_grads = grad * (-rate) if need[1] else None
+        g_lr = -_rate_grad(grad, grads, lr_tensor) if need_lr else None
+        return g_node, g_grads, None, None, None, None, g_lr
     if need[0]:
         # node j receives the sum of the gradients of its children, a contiguous range.
         nodes = torch.arange(ctx.num_nodes + 1, device=parents.device)

@@ -25,6 +25,11 @@ def _fail(op: str, message: str, kind=ValueError):
     raise kind(f"treepool.{op}: {message}")
 
 
+def _rows(n: int) -> str:
+    """"1 row", "2 rows"."""
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
 def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(int(s)) for s in t.shape) + "]"
 
@@ -134,7 +139,7 @@ def check_parents_values(op: str, parents: Tensor, num_nodes: int) -> None:
     for i, v in enumerate(p):
         if v < 0 or v >= num_nodes:
             _fail(op, f"parents[{i}] = {v} is out of range for node_params with "
-                      f"{num_nodes} rows")
+                      f"{_rows(num_nodes)}")
         if i + 1 < len(p) and v > p[i + 1]:
             _fail(op, f"parents must be non-decreasing (clusters in DFS order), but "
                       f"parents[{i}] = {v} > parents[{i + 1}] = {p[i + 1]}")
@@ -148,6 +153,10 @@ def check_weights_values(op: str, weights: Optional[Tensor]) -> None:
         i = int(bad.nonzero()[0, 0])
         _fail(op, f"weights must be non-negative, got weights[{i}] = "
                   f"{float(weights[i]):g}")
+    inf = torch.isinf(weights.detach())
+    if bool(inf.any()):
+        i = int(inf.nonzero()[0, 0])
+        _fail(op, f"weights must be finite, got weights[{i}] = {float(weights[i]):g}")
 
 
 # ----------------------------------------------------------------------------- per op
@@ -186,7 +195,7 @@ def reptile_update_args(op: str, theta: Tensor, phi: Tensor, offsets: Tensor,
     C = check_segments(op, "phi", phi, offsets, weights)
     check_node_rows(op, "theta", theta, "phi", phi)
     if theta.shape[0] != C:
-        _fail(op, f"theta must have one row per cluster: {C} rows (offsets has {C + 1} "
+        _fail(op, f"theta must have one row per cluster: {_rows(C)} (offsets has {C + 1} "
                   f"entries), got {theta.shape[0]}")
     check_rate(op, "eps", eps_tensor, "phi", phi)
     if values:
@@ -204,7 +213,7 @@ def broadcast_args(op: str, g: Tensor, offsets: Tensor, weights: Optional[Tensor
     if C < 0:
         _fail(op, "offsets must have at least one element (offsets[0] = 0)")
     if g.shape[0] != C:
-        _fail(op, f"g must have one row per cluster: {C} rows (offsets has {C + 1} "
+        _fail(op, f"g must have one row per cluster: {_rows(C)} (offsets has {C + 1} "
                   f"entries), got {g.shape[0]}")
     if weights is not None:
         if not isinstance(weights, Tensor):
@@ -230,9 +239,29 @@ def _span(t: Tensor):
     return lo, lo + (extent + 1) * t.element_size()
 
 
+def _interleaved_disjoint(a: Tensor, b: Tensor) -> bool:
+    """Whether two [rows, P] tensors with the same row stride s and unit column stride
+    interleave without a common element: a holds columns [0, Pa) of every row of s
+    elements, b columns [d, d + Pb) (mod s), d being b's start relative to a's
+    (theta = buf[:, :P] and phi = buf[:, P:] are disjoint though their spans overlap)."""
+    if a.dim() != 2 or b.dim() != 2 or a.element_size() != b.element_size():
+        return False
+    s, pa, pb = a.stride(0), a.shape[1], b.shape[1]
+    if s != b.stride(0) or s <= 0 or a.shape[0] < 2 or b.shape[0] < 2:
+        return False
+    if (pa > 1 and a.stride(1) != 1) or (pb > 1 and b.stride(1) != 1) or pa > s or pb > s:
+        return False
+    diff = b.data_ptr() - a.data_ptr()
+    if diff % a.element_size():
+        return False
+    d = (diff // a.element_size()) % s
+    return d >= pa and d + pb <= s
+
+
 def overlaps(a: Tensor, b: Tensor) -> bool:
     sa, sb = _span(a), _span(b)
-    return sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
+    return (sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
+            and not _interleaved_disjoint(a, b))
 
 
 def same_memory(a: Tensor, b: Tensor) -> bool:
@@ -291,3 +320,135 @@ def as_rate(rate: Union[float, int, Tensor], name: str, op: str):
     if isinstance(rate, bool) or not isinstance(rate, (float, int)):
         _fail(op, f"{name} must be a float or a tensor, got {type(rate).__name__}", TypeError)
     return float(rate), None
+
+
+# ----------------------------------------------------------------------------- list forms
+
+
+def is_list(x) -> bool:
+    """Whether an op's data argument is the list form (one tensor per model parameter)."""
+    return isinstance(x, (list, tuple))
+
+
+def check_list(op: str, name: str, ts) -> None:
+    """A list form: a non-empty list of floating tensors [N, *shape_i] that share N,
+    dtype and device (the twin of check_list in csrc/checks.cpp)."""
+    if not is_list(ts) or len(ts) == 0:
+        _fail(op, f"{name} must be a tensor or a non-empty list of tensors")
+    for i, t in enumerate(ts):
+        if not isinstance(t, Tensor):
+            _fail(op, f"{name}[{i}] must be a tensor, got {type(t).__name__}", TypeError)
+        if t.dim() == 0:
+            _fail(op, f"{name}[{i}] must have at least one dimension [N, ...], got 0-D")
+        if t.dtype not in FLOATING:
+            _fail(op, f"{name}[{i}] must have a floating dtype (float32, float64, float16 or "
+                      f"bfloat16), got {t.dtype}", TypeError)
+    first = f"{name}[0]"
+    for i, t in enumerate(ts[1:], 1):
+        check_same(op, f"{name}[{i}]", t, first, ts[0])
+        check_same_dtype(op, f"{name}[{i}]", t, first, ts[0])
+        if t.shape[0] != ts[0].shape[0]:
+            _fail(op, f"{name}[{i}] has {t.shape[0]} rows but {first} has {ts[0].shape[0]}")
+
+
+def check_same_length(op: str, name: str, ts, ref_name: str, ref) -> None:
+    if not is_list(ts):
+        _fail(op, f"{name} must be a list of tensors like {ref_name}, got "
+                  f"{type(ts).__name__}", TypeError)
+    if len(ts) != len(ref):
+        _fail(op, f"{name} has {len(ts)} tensors but {ref_name} has {len(ref)}")
+
+
+def trailing_numel(t: Tensor) -> int:
+    n = 1
+    for s in t.shape[1:]:
+        n *= int(s)
+    return n
+
+
+def rows_of(t: Tensor) -> Tensor:
+    """[N, *shape] as the [N, numel(shape)] buffer the kernels take (a view when it can be)."""
+    return t.reshape(t.shape[0], trailing_numel(t))
+
+
+def rows_view_of(op: str, name: str, i: int, t: Tensor) -> Tensor:
+    """rows_of for a tensor written in place: it must be a view, never a copy."""
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(t.shape[0], trailing_numel(t))
+    except RuntimeError:
+        _fail(op, f"{name}[{i}] must be viewable as [{t.shape[0]}, {trailing_numel(t)}] "
+                  f"(it is written in place); make it contiguous")
+
+
+def as_rate_list(rate, name: str, op: str, ref, ref_name: str):
+    """Splits the rate of a list form into (float, optional list of tensors), one 0-d or
+    [numel_i] tensor per tensor of ref: a float, one 0-d tensor for all, or a list of
+    tensors each 0-d or of the shape of ref[i]'s trailing dimensions."""
+    if isinstance(rate, Tensor):
+        if rate.dim() != 0:
+            _fail(op, f"{name} for a list of tensors must be a float, a 0-d tensor or a "
+                      f"list of tensors (one per tensor of {ref_name}), got shape "
+                      f"{_shape(rate)}")
+        return 1.0, [rate] * len(ref)
+    if not is_list(rate):
+        return as_rate(rate, name, op)[0], None
+    check_same_length(op, name, rate, ref_name, ref)
+    out = []
+    for i, (r, t) in enumerate(zip(rate, ref)):
+        if not isinstance(r, Tensor):
+            _fail(op, f"{name}[{i}] must be a tensor, got {type(r).__name__}", TypeError)
+        if r.dim() != 0 and tuple(r.shape) != tuple(t.shape[1:]):
+            _fail(op, f"{name}[{i}] must be a 0-d tensor or a tensor of shape "
+                      f"[{', '.join(str(int(s)) for s in t.shape[1:])}] (the shape of "
+                      f"{ref_name}[{i}] without its rows), got shape {_shape(r)}")
+        out.append(r if r.dim() == 0 else r.reshape(-1))
+    return 1.0, out
+
+
+def tree_update_list_args(op: str, node_params, grads, offsets, parents, lr_tensor,
+                          weights, values: bool) -> int:
+    """Checks of the multi-tensor tree update on its [N, P_i] buffers; returns C."""
+    check_same_length(op, "node_params", node_params, "grads", grads)
+    if lr_tensor is not None:
+        check_same_length(op, "lr", lr_tensor, "grads", grads)
+    C = 0
+    for i in range(len(grads)):
+        C = tree_update_args(op, node_params[i], grads[i], offsets, parents,
+                             None if lr_tensor is None else lr_tensor[i], weights,
+                             values and i == 0)
+    check_list(op, "grads", grads)
+    check_list(op, "node_params", node_params)
+    return C
+
+
+def reptile_update_list_args(op: str, theta, phi, offsets, eps_tensor, weights,
+                             values: bool) -> int:
+    """Checks of the multi-tensor Reptile update on its [N, P_i] buffers; returns C."""
+    check_same_length(op, "theta", theta, "phi", phi)
+    if eps_tensor is not None:
+        check_same_length(op, "eps", eps_tensor, "phi", phi)
+    C = 0
+    for i in range(len(phi)):
+        C = reptile_update_args(op, theta[i], phi[i], offsets,
+                                None if eps_tensor is None else eps_tensor[i], weights,
+                                values and i == 0)
+    check_list(op, "phi", phi)
+    return C
+
+
+def segment_list_args(op: str, xs, offsets, weights, values: bool) -> int:
+    C = 0
+    for i, x in enumerate(xs):
+        C = segment_args(op, "x", x, offsets, weights, values and i == 0)
+    check_list(op, "x", xs)
+    return C
+
+
+def broadcast_list_args(op: str, gs, offsets, weights, num_rows: int, values: bool) -> int:
+    C = 0
+    for i, g in enumerate(gs):
+        C = broadcast_args(op, g, offsets, weights, num_rows, values and i == 0)
+    check_list(op, "g", gs)
+    return C

@@ -57,3 +57,56 @@ def _reptile_update(theta, phi, offsets, weights=None, eps=1.0, eps_tensor=None)
 def _reptile_update_(theta, phi, offsets, weights=None, eps=1.0, eps_tensor=None):
     _checks.reptile_update_args("reptile_update_", theta, phi, offsets, eps_tensor, weights,
                                 values=False)
+
+
+# ------------------------------------------------------------------------- list forms
+
+
+@lib.register_fake("treepool::segment_sum_multi")
+def _segment_sum_multi(x, offsets, weights=None):
+    C = _checks.segment_list_args("segment_sum", x, offsets, weights, values=False)
+    return [t.new_empty(C, t.shape[1]) for t in x]
+
+
+@lib.register_fake("treepool::segment_mean_multi")
+def _segment_mean_multi(x, offsets, weights=None):
+    C = _checks.segment_list_args("segment_mean", x, offsets, weights, values=False)
+    return [t.new_empty(C, t.shape[1]) for t in x]
+
+
+@lib.register_fake("treepool::segment_broadcast_multi")
+def _segment_broadcast_multi(g, offsets, weights, mean, num_rows):
+    _checks.broadcast_list_args("segment_broadcast", g, offsets, weights, num_rows,
+                                values=False)
+    return [t.new_empty(num_rows, t.shape[1]) for t in g]
+
+
+@lib.register_fake("treepool::tree_update_multi")
+def _tree_update_multi(node_params, grads, offsets, parents, weights=None, lr=1.0,
+                       lr_tensor=None):
+    C = _checks.tree_update_list_args("tree_update", node_params, grads, offsets, parents,
+                                      lr_tensor, weights, values=False)
+    return [g.new_empty(C, g.shape[1]) for g in grads]
+
+
+@lib.register_fake("treepool::tree_update_multi_")
+def _tree_update_multi_(out, node_params, grads, offsets, parents, weights=None, lr=1.0,
+                        lr_tensor=None):
+    C = _checks.tree_update_list_args("tree_update_", node_params, grads, offsets, parents,
+                                      lr_tensor, weights, values=False)
+    _checks.check_same_length("tree_update_", "out", out, "grads", grads)
+    for o, g in zip(out, grads):
+        _checks.check_out("tree_update_", o, "out", g, "grads", C)
+
+
+@lib.register_fake("treepool::reptile_update_multi")
+def _reptile_update_multi(theta, phi, offsets, weights=None, eps=1.0, eps_tensor=None):
+    C = _checks.reptile_update_list_args("reptile_update", theta, phi, offsets, eps_tensor,
+                                         weights, values=False)
+    return [p.new_empty(C, p.shape[1]) for p in phi]
+
+
+@lib.register_fake("treepool::reptile_update_multi_")
+def _reptile_update_multi_(theta, phi, offsets, weights=None, eps=1.0, eps_tensor=None):
+    _checks.reptile_update_list_args("reptile_update_", theta, phi, offsets, eps_tensor,
+                                     weights, values=False)

@@ -2,8 +2,13 @@
 
 Written for clarity, not speed: it is the oracle of the tests and the fallback when
 the compiled extension is missing. Autograd comes for free from the PyTorch ops
-used here. Half types (float16, bfloat16) are computed in float32 and rounded once
-at the end, as the native kernels do.
+used here. Sums accumulate in float64 whatever the dtype (so that the oracle is the
+more exact of the two backends: 2^25 float32 ones sum to 2^25, not 2^24), and the
+result is rounded once to the data's dtype at the end. Means divide by the total
+weight (never multiply by its reciprocal, which overflows for tiny weights).
+
+Every op also has a list form (``*_multi``) over [N, P_i] buffers, one per model
+parameter: the single-tensor op applied to each.
 
 Layout (DESIGN.md section 2): a [T, P] buffer whose rows are tasks in DFS order;
 ``offsets`` [C + 1] says that cluster c owns rows offsets[c]..offsets[c+1]-1.
@@ -11,7 +16,7 @@ Layout (DESIGN.md section 2): a [T, P] buffer whose rows are tasks in DFS order;
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -46,57 +51,105 @@ def masked_reciprocal(W: Tensor) -> Tensor:
                        torch.zeros_like(W))
 
 
+ORACLE_DTYPE = torch.float64
+
+
 def _weighted_sums(x: Tensor, offsets: Tensor, weights: Optional[Tensor]):
-    """(S, W) in the accumulation dtype: S[c] = sum_t w_t x[t], W[c] = sum_t w_t."""
-    acc = accumulate_dtype(x.dtype)
+    """(S, W) in float64: S[c] = sum_t w_t x[t], W[c] = sum_t w_t."""
+    acc = ORACLE_DTYPE
     T, P = x.shape
     C = offsets.numel() - 1
     rows = cluster_of_rows(offsets, T)
-    w = torch.ones(T, dtype=acc, device=x.device) if weights is None else weights.to(acc)
+    if weights is None:
+        S = torch.zeros(C, P, dtype=acc, device=x.device).index_add(0, rows, x.to(acc))
+        W = (offsets[1:] - offsets[:-1]).to(acc)
+        return S, W
+    w = weights.to(acc)
     S = torch.zeros(C, P, dtype=acc, device=x.device).index_add(0, rows, x.to(acc) * w[:, None])
     W = torch.zeros(C, dtype=acc, device=x.device).index_add(0, rows, w)
     return S, W
 
 
+def masked_divide(S: Tensor, W: Tensor) -> Tensor:
+    """S / W where W > 0, else 0 (a cluster of zero total weight has mean 0). The
+    divisor is masked, not the quotient, so that the gradient is 0 there, not NaN."""
+    positive = W > 0
+    return torch.where(positive, S / torch.where(positive, W, torch.ones_like(W)),
+                       torch.zeros_like(S))
+
+
 def _mean_acc(x: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
-    """Weighted cluster means in the accumulation dtype; a cluster of zero weight gives 0."""
+    """Weighted cluster means in float64; a cluster of zero weight gives 0."""
     S, W = _weighted_sums(x, offsets, weights)
-    return S * masked_reciprocal(W)[:, None]
+    return masked_divide(S, W[:, None])
 
 
-def _rate(rate: float, rate_tensor: Optional[Tensor], acc: torch.dtype):
-    return rate if rate_tensor is None else rate_tensor.to(acc)
+def _rate(rate: float, rate_tensor: Optional[Tensor]):
+    return rate if rate_tensor is None else rate_tensor.to(ORACLE_DTYPE)
+
+
+# ------------------------------------------------------------ the math, arguments checked
+
+
+def _sum(x, offsets, weights):
+    return _weighted_sums(x, offsets, weights)[0].to(x.dtype)
+
+
+def _mean(x, offsets, weights):
+    return _mean_acc(x, offsets, weights).to(x.dtype)
+
+
+def _broadcast(g, offsets, weights, mean, num_rows):
+    acc = ORACLE_DTYPE
+    rows = cluster_of_rows(offsets, num_rows)
+    w = torch.ones(num_rows, dtype=acc, device=g.device) if weights is None else weights.to(acc)
+    if mean:
+        W = torch.zeros(g.shape[0], dtype=acc, device=g.device).index_add(0, rows, w)
+        w = masked_divide(w, W[rows])
+    return (g.to(acc)[rows] * w[:, None]).to(g.dtype)
+
+
+def _tree_update(node_params, grads, offsets, parents, lr, lr_tensor, weights):
+    pooled = _mean_acc(grads, offsets, weights)
+    out = node_params.to(ORACLE_DTYPE)[parents] - _rate(lr, lr_tensor) * pooled
+    return out.to(grads.dtype)
+
+
+def _reptile_update(theta, phi, offsets, eps, eps_tensor, weights):
+    pooled = _mean_acc(phi, offsets, weights)
+    th = theta.to(ORACLE_DTYPE)
+    return (th + _rate(eps, eps_tensor) * (pooled - th)).to(phi.dtype)
+
+
+def _num_rows(offsets: Tensor, num_rows) -> int:
+    if num_rows is None:
+        _checks.check_index("segment_broadcast", "offsets", offsets, "[C + 1]")
+        return int(offsets[-1]) if offsets.numel() else 0
+    return num_rows
+
+
+# ----------------------------------------------------------------------- single tensor
 
 
 def segment_sum(x: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     """out[c] = sum_{t in c} w_t x[t]."""
     _checks.segment_args("segment_sum", "x", x, offsets, weights, _checking())
-    return _weighted_sums(x, offsets, weights)[0].to(x.dtype)
+    return _sum(x, offsets, weights)
 
 
 def segment_mean(x: Tensor, offsets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     """out[c] = sum_{t in c} w_t x[t] / sum_{t in c} w_t (0 for an empty or zero-weight c)."""
     _checks.segment_args("segment_mean", "x", x, offsets, weights, _checking())
-    return _mean_acc(x, offsets, weights).to(x.dtype)
+    return _mean(x, offsets, weights)
 
 
 def segment_broadcast(g: Tensor, offsets: Tensor, weights: Optional[Tensor] = None,
                       mean: bool = False, num_rows: Optional[int] = None) -> Tensor:
     """out[t] = s_t g[c(t)] with s_t = w_t, or w_t / W_c when ``mean`` (the adjoints
     of segment_sum and segment_mean)."""
-    if num_rows is None:
-        num_rows = int(offsets[-1])
+    num_rows = _num_rows(offsets, num_rows)
     _checks.broadcast_args("segment_broadcast", g, offsets, weights, num_rows, _checking())
-    acc = accumulate_dtype(g.dtype)
-    rows = cluster_of_rows(offsets, num_rows)
-    if weights is None:
-        w = torch.ones(num_rows, dtype=acc, device=g.device)
-    else:
-        w = weights.to(acc)
-    if mean:
-        W = torch.zeros(g.shape[0], dtype=acc, device=g.device).index_add(0, rows, w)
-        w = w * masked_reciprocal(W)[rows]
-    return (g.to(acc)[rows] * w[:, None]).to(g.dtype)
+    return _broadcast(g, offsets, weights, mean, num_rows)
 
 
 def tree_update(node_params: Tensor, grads: Tensor, offsets: Tensor, parents: Tensor,
@@ -105,10 +158,7 @@ def tree_update(node_params: Tensor, grads: Tensor, offsets: Tensor, parents: Te
     """out[c] = node_params[parents[c]] - lr * segment_mean(grads, offsets, weights)[c]."""
     _checks.tree_update_args("tree_update", node_params, grads, offsets, parents,
                              lr_tensor, weights, _checking())
-    acc = accumulate_dtype(grads.dtype)
-    pooled = _mean_acc(grads, offsets, weights)
-    out = node_params.to(acc)[parents] - _rate(lr, lr_tensor, acc) * pooled
-    return out.to(grads.dtype)
+    return _tree_update(node_params, grads, offsets, parents, lr, lr_tensor, weights)
 
 
 def reptile_update(theta: Tensor, phi: Tensor, offsets: Tensor, eps: float = 1.0,
@@ -117,23 +167,15 @@ def reptile_update(theta: Tensor, phi: Tensor, offsets: Tensor, eps: float = 1.0
     """out[c] = theta[c] + eps * (segment_mean(phi, offsets, weights)[c] - theta[c])."""
     _checks.reptile_update_args("reptile_update", theta, phi, offsets, eps_tensor,
                                 weights, _checking())
-    acc = accumulate_dtype(phi.dtype)
-    pooled = _mean_acc(phi, offsets, weights)
-    th = theta.to(acc)
-    out = th + _rate(eps, eps_tensor, acc) * (pooled - th)
-    return out.to(phi.dtype)
+    return _reptile_update(theta, phi, offsets, eps, eps_tensor, weights)
 
 
 def tree_update_(out: Tensor, node_params: Tensor, grads: Tensor, offsets: Tensor,
                  parents: Tensor, lr: float = 1.0, lr_tensor: Optional[Tensor] = None,
                  weights: Optional[Tensor] = None) -> Tensor:
     """tree_update written into ``out`` [C, P]; returns ``out``."""
-    C = _checks.tree_update_args("tree_update_", node_params, grads, offsets, parents,
-                                 lr_tensor, weights, True)
-    _checks.check_tree_update_out("tree_update_", out, node_params, grads, parents,
-                                  lr_tensor, weights, C, True)
-    with torch.no_grad():
-        out.copy_(tree_update(node_params, grads, offsets, parents, lr, lr_tensor, weights))
+    tree_update_multi_([out], [node_params], [grads], offsets, parents, lr,
+                       None if lr_tensor is None else [lr_tensor], weights)
     return out
 
 
@@ -141,9 +183,100 @@ def reptile_update_(theta: Tensor, phi: Tensor, offsets: Tensor, eps: float = 1.
                     eps_tensor: Optional[Tensor] = None,
                     weights: Optional[Tensor] = None) -> Tensor:
     """reptile_update applied to ``theta`` in place; returns ``theta``."""
-    _checks.reptile_update_args("reptile_update_", theta, phi, offsets, eps_tensor,
-                                weights, True)
-    _checks.check_reptile_update_out("reptile_update_", theta, phi, eps_tensor, weights)
+    reptile_update_multi_([theta], [phi], offsets, eps,
+                          None if eps_tensor is None else [eps_tensor], weights)
+    return theta
+
+
+# ------------------------------------------------------------------------- list forms
+
+
+def segment_sum_multi(xs: List[Tensor], offsets: Tensor,
+                      weights: Optional[Tensor] = None) -> List[Tensor]:
+    """segment_sum of every [T, P_i] buffer of xs."""
+    _checks.segment_list_args("segment_sum", xs, offsets, weights, _checking())
+    return [_sum(x, offsets, weights) for x in xs]
+
+
+def segment_mean_multi(xs: List[Tensor], offsets: Tensor,
+                       weights: Optional[Tensor] = None) -> List[Tensor]:
+    """segment_mean of every [T, P_i] buffer of xs."""
+    _checks.segment_list_args("segment_mean", xs, offsets, weights, _checking())
+    return [_mean(x, offsets, weights) for x in xs]
+
+
+def segment_broadcast_multi(gs: List[Tensor], offsets: Tensor, weights: Optional[Tensor] = None,
+                            mean: bool = False, num_rows: Optional[int] = None) -> List[Tensor]:
+    """segment_broadcast of every [C, P_i] buffer of gs."""
+    num_rows = _num_rows(offsets, num_rows)
+    _checks.broadcast_list_args("segment_broadcast", gs, offsets, weights, num_rows,
+                                _checking())
+    return [_broadcast(g, offsets, weights, mean, num_rows) for g in gs]
+
+
+def tree_update_multi(node_params: List[Tensor], grads: List[Tensor], offsets: Tensor,
+                      parents: Tensor, lr: float = 1.0,
+                      lr_tensor: Optional[List[Tensor]] = None,
+                      weights: Optional[Tensor] = None) -> List[Tensor]:
+    """tree_update of every pair (node_params[i], grads[i]) with rate lr_tensor[i] or lr."""
+    _checks.tree_update_list_args("tree_update", node_params, grads, offsets, parents,
+                                  lr_tensor, weights, _checking())
+    return [_tree_update(n, g, offsets, parents, lr, None if lr_tensor is None else lr_tensor[i],
+                         weights) for i, (n, g) in enumerate(zip(node_params, grads))]
+
+
+def reptile_update_multi(theta: List[Tensor], phi: List[Tensor], offsets: Tensor,
+                         eps: float = 1.0, eps_tensor: Optional[List[Tensor]] = None,
+                         weights: Optional[Tensor] = None) -> List[Tensor]:
+    """reptile_update of every pair (theta[i], phi[i]) with rate eps_tensor[i] or eps."""
+    _checks.reptile_update_list_args("reptile_update", theta, phi, offsets, eps_tensor,
+                                     weights, _checking())
+    return [_reptile_update(th, ph, offsets, eps, None if eps_tensor is None else eps_tensor[i],
+                            weights) for i, (th, ph) in enumerate(zip(theta, phi))]
+
+
+def tree_update_multi_(out: List[Tensor], node_params: List[Tensor], grads: List[Tensor],
+                       offsets: Tensor, parents: Tensor, lr: float = 1.0,
+                       lr_tensor: Optional[List[Tensor]] = None,
+                       weights: Optional[Tensor] = None) -> List[Tensor]:
+    """tree_update_multi written into the [C, P_i] buffers of ``out``; returns ``out``."""
+    op = "tree_update_"
+    C = _checks.tree_update_list_args(op, node_params, grads, offsets, parents, lr_tensor,
+                                      weights, True)
+    _checks.check_same_length(op, "out", out, "grads", grads)
+    for i, o in enumerate(out):
+        _checks.check_tree_update_out(op, o, node_params[i], grads[i], parents,
+                                      None if lr_tensor is None else lr_tensor[i], weights, C,
+                                      True)
+        for k in range(len(out)):
+            if k != i:
+                for name, t in (("grads", grads[k]), ("node_params", node_params[k]),
+                                ("out", out[k])):
+                    _checks.check_no_overlap(op, "out", o, name, t)
     with torch.no_grad():
-        theta.copy_(reptile_update(theta, phi, offsets, eps, eps_tensor, weights))
+        new = [_tree_update(n, g, offsets, parents, lr, None if lr_tensor is None else lr_tensor[i],
+                            weights) for i, (n, g) in enumerate(zip(node_params, grads))]
+        for o, v in zip(out, new):
+            o.copy_(v)
+    return out
+
+
+def reptile_update_multi_(theta: List[Tensor], phi: List[Tensor], offsets: Tensor,
+                          eps: float = 1.0, eps_tensor: Optional[List[Tensor]] = None,
+                          weights: Optional[Tensor] = None) -> List[Tensor]:
+    """reptile_update_multi applied to the buffers of ``theta`` in place; returns theta."""
+    op = "reptile_update_"
+    _checks.reptile_update_list_args(op, theta, phi, offsets, eps_tensor, weights, True)
+    for i, th in enumerate(theta):
+        _checks.check_reptile_update_out(op, th, phi[i],
+                                         None if eps_tensor is None else eps_tensor[i], weights)
+        for k in range(len(theta)):
+            if k != i:
+                for name, t in (("phi", phi[k]), ("theta", theta[k])):
+                    _checks.check_no_overlap(op, "theta", th, name, t)
+    with torch.no_grad():
+        new = [_reptile_update(th, ph, offsets, eps, None if eps_tensor is None else eps_tensor[i],
+                               weights) for i, (th, ph) in enumerate(zip(theta, phi))]
+        for th, v in zip(theta, new):
+            th.copy_(v)
     return theta

@@ -1,9 +1,11 @@
-// CPU kernel of segment_broadcast, the adjoint of segment_sum / segment_mean:
+// CPU kernel of segment_broadcast, the adjoint of segment_sum / segment_mean, in a
+// single-tensor and a multi-tensor (`_multi`, Tensor[]) form:
 //
-//   out[t] = s_t * g[c(t)],  s_t = w_t (or 1), divided by W_c = sum_{u in c} w_u when mean
+//   out_i[t] = s_t * g_i[c(t)],  s_t = w_t (or 1), and w_t / W_c when mean (W_c = sum_{u in c} w_u)
 //
 // It is what the backward passes of the reductions call: the gradient of a pooled
 // sum or mean is the upstream gradient broadcast back to the rows of each cluster.
+// All tensors of a list run in one parallel region over (row, column block) units.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,59 +20,81 @@
 
 namespace treepool {
 namespace cpu {
+namespace {
 
-Tensor segment_broadcast_cpu(const Tensor& g_in, const Tensor& offsets_in,
-                             const OptTensor& weights, bool mean, int64_t num_rows) {
+std::vector<Tensor> broadcast_op(at::TensorList gs_in, const Tensor& offsets_in,
+                                 const OptTensor& weights, bool mean, int64_t num_rows) {
   const char* op = "segment_broadcast";
-  const int64_t C = check_broadcast_args(op, g_in, offsets_in, weights, num_rows);
+  int64_t C = 0;
+  for (const Tensor& g : gs_in) C = check_broadcast_args(op, g, offsets_in, weights, num_rows);
+  check_list(op, "g", gs_in);
   const Tensor offsets = offsets_in.contiguous();
   check_offsets_values(op, offsets, num_rows, "the output");
   check_weights_values(op, weights);
-  const Tensor g = (g_in.size(1) <= 1 || g_in.stride(1) == 1) ? g_in : g_in.contiguous();
-  const int64_t T = num_rows, P = g.size(1);
-  Tensor out = at::empty({T, P}, g.options());
-  if (T == 0 || P == 0) return out;
+  std::vector<Tensor> gs, outs;
+  for (const Tensor& g : gs_in) {
+    gs.push_back((g.size(1) <= 1 || g.stride(1) == 1) ? g : g.contiguous());
+    outs.push_back(at::empty({num_rows, g.size(1)}, g.options()));
+  }
+  const int64_t T = num_rows;
+  if (T == 0) return outs;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "treepool_segment_broadcast", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gs[0].scalar_type(), "treepool_segment_broadcast", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Per row: its cluster and its scale s_t.
+    // Per row: its cluster and its scale s_t (a division by W_c, never a product with
+    // 1 / W_c, which overflows for tiny weights).
     const int64_t* off = offsets.data_ptr<int64_t>();
+    const ClusterWeights<acc_t> cw(weights, off, C, /*rescale=*/mean);
     std::vector<int64_t> cluster(T);
     std::vector<acc_t> scale(T, acc_t(1));
-    Tensor w_acc;
-    if (weights) w_acc = weights->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     for (int64_t c = 0; c < C; ++c) {
-      acc_t total = 0;
+      const acc_t total = cw.total[c];
       for (int64_t t = off[c]; t < off[c + 1]; ++t) {
         cluster[t] = c;
-        if (weights) scale[t] = w_acc.data_ptr<acc_t>()[t];
-        total += scale[t];
-      }
-      if (mean) {
-        const acc_t inv = total > 0 ? acc_t(1) / total : acc_t(0);
-        for (int64_t t = off[c]; t < off[c + 1]; ++t) scale[t] *= inv;
+        const acc_t w = cw.weights.empty() ? acc_t(1) : cw.weights[t];
+        scale[t] = !mean ? w : (total > 0 ? w / total : acc_t(0));
       }
     }
-    const scalar_t* src = g.data_ptr<scalar_t>();
-    const int64_t src_stride = g.stride(0);
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    const int64_t blocks = (P + kBlock - 1) / kBlock;
+    std::vector<Rows<scalar_t>> src;
+    for (const Tensor& g : gs) src.push_back({g.data_ptr<scalar_t>(), g.stride(0), g.size(1)});
+    int64_t P = 0;
+    const std::vector<ColumnBlock> blocks = make_blocks(src, &P);
+    const int64_t B = static_cast<int64_t>(blocks.size());
+    if (P == 0) return;
+    std::vector<scalar_t*> dst;
+    for (const Tensor& o : outs) dst.push_back(o.data_ptr<scalar_t>());
     const int64_t grain = std::max<int64_t>(1, kMinWorkPerTask / std::min(P, kBlock));
-    at::parallel_for(0, T * blocks, grain, [&](int64_t u0, int64_t u1) {
+    at::parallel_for(0, T * B, grain, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
-        const int64_t t = u / blocks, p0 = (u % blocks) * kBlock, n = std::min(kBlock, P - p0);
-        const scalar_t* __restrict__ from = src + cluster[t] * src_stride + p0;
-        scalar_t* __restrict__ to = dst + t * P + p0;
+        const int64_t t = u / B;
+        const ColumnBlock& bl = blocks[u % B];
+        const Rows<scalar_t>& g = src[bl.tensor];
+        const scalar_t* __restrict__ from = g.data + cluster[t] * g.row_stride + bl.p0;
+        scalar_t* __restrict__ to = dst[bl.tensor] + t * g.P + bl.p0;
         const acc_t s = scale[t];
-        for (int64_t j = 0; j < n; ++j) to[j] = static_cast<scalar_t>(s * static_cast<acc_t>(from[j]));
+        for (int64_t j = 0; j < bl.n; ++j) to[j] = static_cast<scalar_t>(s * static_cast<acc_t>(from[j]));
       }
     });
   });
-  return out;
+  return outs;
+}
+
+}  // namespace
+
+Tensor segment_broadcast_cpu(const Tensor& g, const Tensor& offsets, const OptTensor& weights,
+                             bool mean, int64_t num_rows) {
+  return broadcast_op(g, offsets, weights, mean, num_rows)[0];
+}
+
+std::vector<Tensor> segment_broadcast_multi_cpu(at::TensorList g, const Tensor& offsets,
+                                                const OptTensor& weights, bool mean,
+                                                int64_t num_rows) {
+  return broadcast_op(g, offsets, weights, mean, num_rows);
 }
 
 TORCH_LIBRARY_IMPL(treepool, CPU, m) {
   m.impl("segment_broadcast", &segment_broadcast_cpu);
+  m.impl("segment_broadcast_multi", &segment_broadcast_multi_cpu);
 }
 
 }  // namespace cpu

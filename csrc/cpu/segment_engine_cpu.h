@@ -1,32 +1,104 @@
 // The one CPU loop behind every treepool reduction: weighted sums of contiguous row
-// ranges of a [T, P] buffer, handed column block by column block to an epilogue that
-// turns them into the op's output (sum, mean, tree update, Reptile update).
+// ranges of a list of [T, P_i] buffers (one per model parameter, all sharing the rows
+// and the offsets), handed column block by column block to an epilogue that turns them
+// into the op's output (sum, mean, tree update, Reptile update).
 //
-//   acc[c, p] = sum_{t = offsets[c]}^{offsets[c+1]-1} w_t x[t, p]
+//   acc_i[c, p] = sum_{t = offsets[c]}^{offsets[c+1]-1} w_t x_i[t, p]
 //
 // Work partition (it depends on the shapes and offsets only, never on the number of
 // threads, so results are bitwise reproducible on any machine):
-// - columns are cut into blocks of kBlock; a unit of work is (column block, row chunk);
-//   units are ordered block-major so that every thread's share of a skewed tree
-//   covers all clusters of a few blocks, not all blocks of one cluster;
+// - the columns of every tensor are cut into blocks of kBlock (a block never spans two
+//   tensors); a unit of work is (column block, row chunk), and all units of all tensors
+//   run in ONE parallel region, ordered block-major so that every thread's share of a
+//   skewed tree covers all clusters of a few blocks, not all blocks of one cluster;
 // - when there are fewer than kTargetUnits column blocks (small P), the rows of long
 //   clusters are cut into chunks as well; chunk partial sums go to a scratch buffer
-//   and a second pass adds them in chunk order, so the sum order is fixed.
+//   and a second pass adds them in chunk order, so the sum order is fixed;
+// - a problem of fewer than kMinWorkPerTask elements runs on the calling thread;
+// - identity layout (no weights, one row per cluster: offsets = 0, 1, ..., T) has no
+//   sum to form: acc_i[c] = x_i[c] goes straight to the epilogue.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <cstring>
 #include <vector>
 
 namespace treepool {
 namespace cpu {
 
-constexpr int64_t kBlock = 8192;        // columns per unit: the accumulator stays in L2
-constexpr int64_t kTargetUnits = 64;    // enough units to keep every core busy
-constexpr int64_t kMinWorkPerTask = 32768;  // elements below which threads do not pay
+constexpr int64_t kBlock = 8192;      // columns per unit: the accumulator stays in L2
+constexpr int64_t kTargetUnits = 64;  // enough units to keep every core busy
+// Elements below which a task is not worth a thread: torch's own grain size.
+constexpr int64_t kMinWorkPerTask = at::internal::GRAIN_SIZE;
+
+// One tensor of a multi-tensor op: rows [T, P] with unit column stride.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* data;
+  int64_t row_stride;
+  int64_t P;
+};
+
+// A block of columns [p0, p0 + n) of tensor `tensor`; `col` is p0 plus the columns of
+// the tensors before it (its place in the scratch rows).
+struct ColumnBlock {
+  int64_t tensor, p0, n, col;
+};
+
+template <typename scalar_t>
+std::vector<ColumnBlock> make_blocks(const std::vector<Rows<scalar_t>>& xs, int64_t* total_cols) {
+  std::vector<ColumnBlock> blocks;
+  int64_t col = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(xs.size()); ++i) {
+    for (int64_t p0 = 0; p0 < xs[i].P; p0 += kBlock)
+      blocks.push_back({i, p0, std::min(kBlock, xs[i].P - p0), col + p0});
+    col += xs[i].P;
+  }
+  *total_cols = col;
+  return blocks;
+}
+
+// Per-row weights in acc_t and every cluster's total weight W_c (its row count when
+// unweighted). With `rescale` (for a mean), the weights of each cluster are multiplied
+// by the power of two that brings the largest into [1, 2): exact, it leaves every mean
+// unchanged, and neither sum_t w_t x_t nor W_c can then overflow (weights of 3e38) or
+// lose their digits to underflow (weights of 1e-45).
+template <typename acc_t>
+struct ClusterWeights {
+  std::vector<acc_t> weights;  // empty when unweighted
+  std::vector<acc_t> total;
+
+  ClusterWeights(const std::optional<at::Tensor>& w, const int64_t* offsets, int64_t C,
+                 bool rescale)
+      : total(C) {
+    if (w) {
+      auto wd = w->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+      weights.assign(wd.template data_ptr<acc_t>(), wd.template data_ptr<acc_t>() + wd.numel());
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t b = offsets[c], e = offsets[c + 1];
+      if (weights.empty()) {
+        total[c] = static_cast<acc_t>(e - b);
+        continue;
+      }
+      acc_t largest = 0;
+      for (int64_t t = b; t < e; ++t) largest = std::max(largest, weights[t]);
+      if (rescale && largest > 0) {
+        const int shift = std::ilogb(largest);
+        for (int64_t t = b; t < e; ++t) weights[t] = std::ldexp(weights[t], -shift);
+      }
+      acc_t sum = 0;
+      for (int64_t t = b; t < e; ++t) sum += weights[t];
+      total[c] = sum;
+    }
+  }
+  const acc_t* data() const { return weights.empty() ? nullptr : weights.data(); }
+};
 
 // A contiguous range of rows of one cluster; slot >= 0 when the cluster was split and
 // this chunk's partial sums go to scratch row `slot`.
@@ -51,6 +123,14 @@ inline std::vector<RowChunk> make_chunks(const int64_t* offsets, int64_t C, int6
   }
   *num_slots = slots;
   return chunks;
+}
+
+// True when every cluster is exactly one row: offsets = 0, 1, ..., C.
+inline bool one_row_per_cluster(const int64_t* offsets, int64_t C, int64_t T) {
+  if (C != T) return false;
+  for (int64_t c = 0; c <= C; ++c)
+    if (offsets[c] != c) return false;
+  return true;
 }
 
 // acc[0:n] = sum_t w_t x[t, p0:p0+n] over rows [begin, end) of x. Four rows per pass
@@ -85,17 +165,36 @@ inline void accumulate_rows(const scalar_t* x, int64_t row_stride, int64_t begin
   }
 }
 
-// Runs the reduction. `epilogue(c, p0, n, acc)` receives the weighted sums of cluster c
-// for columns [p0, p0 + n) and writes the op's output for them.
+// Runs the reduction over every tensor of xs (all [T, P_i], sharing offsets [C + 1] and
+// weights [T]). `epilogue(i, c, p0, n, acc)` receives the weighted sums of cluster c
+// for columns [p0, p0 + n) of tensor i and writes the op's output for them.
 template <typename scalar_t, typename acc_t, typename Epilogue>
-void segment_reduce(const scalar_t* x, int64_t row_stride, int64_t T, int64_t P,
-                    const int64_t* offsets, int64_t C, const acc_t* weights,
-                    const Epilogue& epilogue) {
+void segment_reduce(const std::vector<Rows<scalar_t>>& xs, int64_t T, const int64_t* offsets,
+                    int64_t C, const acc_t* weights, const Epilogue& epilogue) {
+  int64_t P = 0;  // all columns of all tensors
+  const std::vector<ColumnBlock> blocks = make_blocks(xs, &P);
+  const int64_t B = static_cast<int64_t>(blocks.size());
   if (C == 0 || P == 0) return;
-  const int64_t blocks = (P + kBlock - 1) / kBlock;
+
+  if (!weights && one_row_per_cluster(offsets, C, T)) {
+    // Identity layout: the sum of a one-row cluster is the row itself.
+    const int64_t grain = std::max<int64_t>(1, kMinWorkPerTask / std::min(P, kBlock));
+    at::parallel_for(0, B * C, grain, [&](int64_t u0, int64_t u1) {
+      acc_t acc[kBlock];
+      for (int64_t u = u0; u < u1; ++u) {
+        const ColumnBlock& bl = blocks[u / C];
+        const int64_t c = u % C;
+        const scalar_t* row = xs[bl.tensor].data + c * xs[bl.tensor].row_stride + bl.p0;
+        for (int64_t j = 0; j < bl.n; ++j) acc[j] = static_cast<acc_t>(row[j]);
+        epilogue(bl.tensor, c, bl.p0, bl.n, acc);
+      }
+    });
+    return;
+  }
+
   // Rows are split only as far as every chunk still carries kMinWorkPerTask elements:
   // a small op is not worth threads, and a second pass would only add to it.
-  const int64_t row_splits = std::max<int64_t>(1, (kTargetUnits + blocks - 1) / blocks);
+  const int64_t row_splits = std::max<int64_t>(1, (kTargetUnits + B - 1) / B);
   const int64_t chunk_rows = std::max<int64_t>(
       {int64_t(1), (T + row_splits - 1) / row_splits, (kMinWorkPerTask + P - 1) / P});
   int64_t num_slots = 0;
@@ -104,20 +203,21 @@ void segment_reduce(const scalar_t* x, int64_t row_stride, int64_t T, int64_t P,
 
   std::vector<acc_t> scratch(static_cast<size_t>(num_slots) * P);
   const int64_t total_work = (T + C) * P;
-  const int64_t units = blocks * U;
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerTask * units / std::max<int64_t>(1, total_work));
+  const int64_t units = B * U;
+  const int64_t grain =
+      std::max<int64_t>(1, kMinWorkPerTask * units / std::max<int64_t>(1, total_work));
 
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     acc_t acc[kBlock];
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / U;
+      const ColumnBlock& bl = blocks[u / U];
       const RowChunk& ch = chunks[u % U];
-      const int64_t p0 = b * kBlock, n = std::min(kBlock, P - p0);
-      accumulate_rows(x, row_stride, ch.begin, ch.end, p0, n, weights, acc);
+      const Rows<scalar_t>& x = xs[bl.tensor];
+      accumulate_rows(x.data, x.row_stride, ch.begin, ch.end, bl.p0, bl.n, weights, acc);
       if (ch.slot < 0) {
-        epilogue(ch.cluster, p0, n, acc);
+        epilogue(bl.tensor, ch.cluster, bl.p0, bl.n, acc);
       } else {
-        std::memcpy(scratch.data() + ch.slot * P + p0, acc, n * sizeof(acc_t));
+        std::memcpy(scratch.data() + ch.slot * P + bl.col, acc, bl.n * sizeof(acc_t));
       }
     }
   });
@@ -130,20 +230,19 @@ void segment_reduce(const scalar_t* x, int64_t row_stride, int64_t T, int64_t P,
       split_first.push_back(i);
   const int64_t S = static_cast<int64_t>(split_first.size());
   const int64_t combine_grain =
-      std::max<int64_t>(1, kMinWorkPerTask * blocks * S / std::max<int64_t>(1, num_slots * P));
-  at::parallel_for(0, blocks * S, combine_grain, [&](int64_t u0, int64_t u1) {
+      std::max<int64_t>(1, kMinWorkPerTask * B * S / std::max<int64_t>(1, num_slots * P));
+  at::parallel_for(0, B * S, combine_grain, [&](int64_t u0, int64_t u1) {
     acc_t acc[kBlock];
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / S;
+      const ColumnBlock& bl = blocks[u / S];
       int64_t i = split_first[u % S];
       const int64_t c = chunks[i].cluster;
-      const int64_t p0 = b * kBlock, n = std::min(kBlock, P - p0);
-      std::fill(acc, acc + n, acc_t(0));
+      std::fill(acc, acc + bl.n, acc_t(0));
       for (; i < U && chunks[i].cluster == c; ++i) {
-        const acc_t* part = scratch.data() + chunks[i].slot * P + p0;
-        for (int64_t j = 0; j < n; ++j) acc[j] += part[j];
+        const acc_t* part = scratch.data() + chunks[i].slot * P + bl.col;
+        for (int64_t j = 0; j < bl.n; ++j) acc[j] += part[j];
       }
-      epilogue(c, p0, n, acc);
+      epilogue(bl.tensor, c, bl.p0, bl.n, acc);
     }
   });
 }

@@ -3,6 +3,11 @@
 // allocates its output and scratch with the caching allocator, and enqueues the
 // kernels on the current stream of the tensors' device.
 //
+// The multi-tensor forms (`<op>_multi`, Tensor[]) run the single-tensor launchers once
+// per tensor, after checking the whole list: one launch per tensor, not yet one launch
+// over a table of pointers (that needs a launcher in the .cu files), and the value
+// checks read the index tensors once per tensor.
+//
 // Value checks (offsets, parents, weights) read the index tensors on the host: they
 // are copied to the CPU first, which synchronises with the stream. While the stream is
 // being captured into a CUDA graph such copies are illegal, so the value checks are
@@ -18,6 +23,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 #include "../checks.h"
 #include "kernels.h"
@@ -280,7 +286,140 @@ Tensor segment_broadcast_cuda(const Tensor& g_in, const Tensor& offsets_in,
   return out;
 }
 
+// --- multi-tensor forms: the whole list checked, then one launch per tensor ------------
+
+namespace {
+
+using Tensors = std::vector<Tensor>;
+
+OptTensor rate_at(const std::optional<at::TensorList>& rates, size_t i) {
+  return rates && i < rates->size() ? OptTensor((*rates)[i]) : std::nullopt;
+}
+
+void check_tree_update_list(const char* op, at::TensorList node_params, at::TensorList grads,
+                            const Tensor& offsets, const Tensor& parents,
+                            const std::optional<at::TensorList>& lr, const OptTensor& weights) {
+  check_same_length(op, "node_params", node_params.size(), "grads", grads.size());
+  if (lr) check_same_length(op, "lr", lr->size(), "grads", grads.size());
+  for (size_t i = 0; i < grads.size(); ++i)
+    check_tree_update_args(op, node_params[i], grads[i], offsets, parents, rate_at(lr, i),
+                           weights);
+  check_list(op, "grads", grads);
+  check_list(op, "node_params", node_params);
+}
+
+void check_reptile_update_list(const char* op, at::TensorList theta, at::TensorList phi,
+                               const Tensor& offsets, const std::optional<at::TensorList>& eps,
+                               const OptTensor& weights) {
+  check_same_length(op, "theta", theta.size(), "phi", phi.size());
+  if (eps) check_same_length(op, "eps", eps->size(), "phi", phi.size());
+  for (size_t i = 0; i < phi.size(); ++i)
+    check_reptile_update_args(op, theta[i], phi[i], offsets, rate_at(eps, i), weights);
+  check_list(op, "phi", phi);
+}
+
+}  // namespace
+
+Tensors segment_sum_multi_cuda(at::TensorList x, const Tensor& offsets, const OptTensor& weights) {
+  for (const Tensor& t : x) check_segments("segment_sum", "x", t, offsets, weights);
+  check_list("segment_sum", "x", x);
+  Tensors out;
+  for (const Tensor& t : x) out.push_back(segment_sum_cuda(t, offsets, weights));
+  return out;
+}
+
+Tensors segment_mean_multi_cuda(at::TensorList x, const Tensor& offsets, const OptTensor& weights) {
+  for (const Tensor& t : x) check_segments("segment_mean", "x", t, offsets, weights);
+  check_list("segment_mean", "x", x);
+  Tensors out;
+  for (const Tensor& t : x) out.push_back(segment_mean_cuda(t, offsets, weights));
+  return out;
+}
+
+Tensors segment_broadcast_multi_cuda(at::TensorList g, const Tensor& offsets,
+                                     const OptTensor& weights, bool mean, int64_t num_rows) {
+  for (const Tensor& t : g) check_broadcast_args("segment_broadcast", t, offsets, weights, num_rows);
+  check_list("segment_broadcast", "g", g);
+  Tensors out;
+  for (const Tensor& t : g)
+    out.push_back(segment_broadcast_cuda(t, offsets, weights, mean, num_rows));
+  return out;
+}
+
+Tensors tree_update_multi_cuda(at::TensorList node_params, at::TensorList grads,
+                               const Tensor& offsets, const Tensor& parents,
+                               const OptTensor& weights, double lr,
+                               std::optional<at::TensorList> lr_tensor) {
+  check_tree_update_list("tree_update", node_params, grads, offsets, parents, lr_tensor, weights);
+  Tensors out;
+  for (size_t i = 0; i < grads.size(); ++i)
+    out.push_back(tree_update_cuda(node_params[i], grads[i], offsets, parents, weights, lr,
+                                   rate_at(lr_tensor, i)));
+  return out;
+}
+
+void tree_update_multi__cuda(at::TensorList out, at::TensorList node_params, at::TensorList grads,
+                             const Tensor& offsets, const Tensor& parents,
+                             const OptTensor& weights, double lr,
+                             std::optional<at::TensorList> lr_tensor) {
+  const char* op = "tree_update_";
+  check_tree_update_list(op, node_params, grads, offsets, parents, lr_tensor, weights);
+  check_same_length(op, "out", out.size(), "grads", grads.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    check_out(op, out[i], "out", grads[i], "grads", offsets.numel() - 1);
+    for (size_t k = 0; k < out.size(); ++k) {
+      if (k == i) continue;
+      check_no_overlap(op, "out", out[i], "grads", grads[k]);
+      check_no_overlap(op, "out", out[i], "node_params", node_params[k]);
+      check_no_overlap(op, "out", out[i], "out", out[k]);
+    }
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    Tensor o = out[i];
+    tree_update__cuda(o, node_params[i], grads[i], offsets, parents, weights, lr,
+                      rate_at(lr_tensor, i));
+  }
+}
+
+Tensors reptile_update_multi_cuda(at::TensorList theta, at::TensorList phi, const Tensor& offsets,
+                                  const OptTensor& weights, double eps,
+                                  std::optional<at::TensorList> eps_tensor) {
+  check_reptile_update_list("reptile_update", theta, phi, offsets, eps_tensor, weights);
+  Tensors out;
+  for (size_t i = 0; i < phi.size(); ++i)
+    out.push_back(reptile_update_cuda(theta[i], phi[i], offsets, weights, eps,
+                                      rate_at(eps_tensor, i)));
+  return out;
+}
+
+void reptile_update_multi__cuda(at::TensorList theta, at::TensorList phi, const Tensor& offsets,
+                                const OptTensor& weights, double eps,
+                                std::optional<at::TensorList> eps_tensor) {
+  const char* op = "reptile_update_";
+  check_reptile_update_list(op, theta, phi, offsets, eps_tensor, weights);
+  for (size_t i = 0; i < theta.size(); ++i) {
+    check_reptile_update_out(op, theta[i], phi[i], rate_at(eps_tensor, i), weights);
+    for (size_t k = 0; k < theta.size(); ++k) {
+      if (k == i) continue;
+      check_no_overlap(op, "theta", theta[i], "phi", phi[k]);
+      check_no_overlap(op, "theta", theta[i], "theta", theta[k]);
+    }
+  }
+  for (size_t i = 0; i < theta.size(); ++i) {
+    Tensor t = theta[i];
+    reptile_update__cuda(t, phi[i], offsets, weights, eps, rate_at(eps_tensor, i));
+  }
+}
+
 TORCH_LIBRARY_IMPL(treepool, CUDA, m) {
+  m.impl("segment_sum_multi", &segment_sum_multi_cuda);
+  m.impl("segment_mean_multi", &segment_mean_multi_cuda);
+  m.impl("segment_broadcast_multi", &segment_broadcast_multi_cuda);
+  m.impl("tree_update_multi", &tree_update_multi_cuda);
+  m.impl("tree_update_multi_", &tree_update_multi__cuda);
+  m.impl("reptile_update_multi", &reptile_update_multi_cuda);
+  m.impl("reptile_update_multi_", &reptile_update_multi__cuda);
+
   m.impl("segment_sum", &segment_sum_cuda);
   m.impl("segment_mean", &segment_mean_cuda);
   m.impl("segment_broadcast", &segment_broadcast_cuda);

@@ -1,0 +1,51 @@
+"""The one place that knows how treepool's learners are built and where their
+meta-gradients live, so that the benchmark and its tests follow API changes here only.
+
+Today a learner holds its meta-parameters as one flat ``theta`` (``learner.parameters()``)
+and ``MAML`` takes ``num_tasks`` optionally; when the model's own parameters become the
+meta-parameters, :func:`meta_grads` reads them from the model instead.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import treepool
+
+
+def maml(model: nn.Module, inner_lr: float, inner_steps: int, first_order: bool,
+         loss_fn=F.mse_loss) -> nn.Module:
+    return treepool.MAML(model, inner_lr=inner_lr, inner_steps=inner_steps,
+                         first_order=first_order, loss_fn=loss_fn)
+
+
+def tree_maml(model: nn.Module, labels: Sequence[Sequence[int]], inner_lr: float,
+              first_order: bool, loss_fn=F.mse_loss) -> nn.Module:
+    """TreeMAML on the tree of per-task ``labels`` (levels 1..K, the last the leaves);
+    inner steps = K."""
+    tree = treepool.TaskTree.from_labels(labels, add_leaf_level=False)
+    return treepool.TreeMAML(model, tree, inner_lr=inner_lr, first_order=first_order,
+                             inner_steps=tree.depth, loss_fn=loss_fn)
+
+
+def meta_parameters(learner: nn.Module):
+    """What the outer optimizer steps."""
+    return learner.parameters()
+
+
+def meta_loss(learner: nn.Module, batch) -> Tensor:
+    return learner.meta_loss(*batch.tensors())
+
+
+def meta_grads(learner: nn.Module, model: nn.Module) -> Dict[str, Tensor]:
+    """The meta-gradient by the model's parameter names, after ``backward()``."""
+    theta = getattr(learner, "theta", None)
+    if theta is None or theta.grad is None:  # the model's parameters are the meta-parameters
+        return {n: p.grad for n, p in model.named_parameters()}
+    flat = learner.flat
+    return {name: theta.grad[start:start + numel].view(shape)
+            for name, start, numel, shape in zip(flat.names, flat.offsets, flat.numels, flat.shapes)}
+

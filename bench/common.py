@@ -109,11 +109,15 @@ def markdown_table(rows: list, columns: list) -> str:
 
 
 def progress(message: str) -> None:
-    print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+    """One overwritten status line on stderr; nothing when stderr is not a terminal
+    (logs and pipes get no escape codes)."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
 
 
 def progress_done() -> None:
-    print("\r\033[K", end="", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def bar_plot(rows: list, path: str, value_key: str, ylabel: str) -> None:

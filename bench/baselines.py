@@ -166,6 +166,7 @@ class Level:
     task_order: Tensor           # tasks sorted by cluster (stable)
     sorted_already: bool         # task_order is 0..T-1
     equal_sizes: bool
+    fanout: int                  # b when cluster c's parent is c // b for all c, else 0
 
 
 def tree_levels(labels: Sequence[Sequence[int]]) -> List[Level]:
@@ -173,8 +174,9 @@ def tree_levels(labels: Sequence[Sequence[int]]) -> List[Level]:
     labels of a level need not be 0..C-1 or contiguous)."""
     out = []
     above = [0] * len(labels[0])
+    num_above = 1
     for level in labels:
-        ids = {}
+        ids: Dict[int, int] = {}
         for lab in level:
             ids.setdefault(lab, len(ids))
         dense = [ids[lab] for lab in level]
@@ -183,10 +185,13 @@ def tree_levels(labels: Sequence[Sequence[int]]) -> List[Level]:
             members[c].append(task)
         parents = [above[m[0]] for m in members]
         order = [t for m in members for t in m]
+        fanout = len(members) // num_above
+        if parents != [c // fanout for c in range(len(members))]:
+            fanout = 0
         out.append(Level(len(members), parents, members, torch.tensor(parents),
                          torch.tensor(order), order == list(range(len(order))),
-                         len({len(m) for m in members}) == 1))
-        above = dense
+                         len({len(m) for m in members}) == 1, fanout))
+        above, num_above = dense, len(members)
     return out
 
 
@@ -204,34 +209,49 @@ def vmap_tree_maml_loss(model: nn.Module, levels: List[Level], batch: Batch, inn
     Inner step k (level k): cluster c's parameters are its parent's minus inner_lr times
     the gradient, at the parent's parameters, of the mean support loss of c's tasks.
     The outer loss is the mean query loss at the leaves.
+
+    When every parent has the same number b of equal-size children, a nested vmap
+    (parents outside, their b children inside with the parent's parameters unbatched)
+    lets the children of a parent share its weights in one matrix product instead of
+    copying them b times.
     """
     loss = _task_loss(model, loss_fn)
     params: Params = dict(model.named_parameters())  # level 0: the root, unbatched
-    shared = True
-    for level in levels:
+    for depth, level in enumerate(levels):
         context = torch.no_grad() if first_order else torch.enable_grad()
-        with context:
-            if level.equal_sizes:
-                xs, ys = _cluster_batch(batch.support_x, level), _cluster_batch(batch.support_y, level)
-                if shared:
-                    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
-                else:
-                    at_parent = {n: p.index_select(0, level.parent_index) for n, p in params.items()}
-                    grads = vmap(grad(loss))(at_parent, xs, ys)
-            else:
-                grads = _cluster_grads_loop(loss, params, shared, level, batch)
-        if shared:
+        if not level.equal_sizes:
+            with context:
+                grads = _cluster_grads_loop(loss, params, depth == 0, level, batch)
+            at_parent = params if depth == 0 else _rows(params, level.parent_index)
+            params = _sgd(at_parent, grads, inner_lr)
+            continue
+        xs, ys = _cluster_batch(batch.support_x, level), _cluster_batch(batch.support_y, level)
+        if depth == 0 or level.fanout == 1:  # one parameter set per cluster, or the root
+            with context:
+                grads = vmap(grad(loss), in_dims=(None if depth == 0 else 0, 0, 0))(params, xs, ys)
             params = _sgd(params, grads, inner_lr)
-        else:
-            params = {n: p.index_select(0, level.parent_index) - inner_lr * grads[n]
+        elif level.fanout:
+            b = level.fanout
+            per_parent = vmap(grad(loss), in_dims=(None, 0, 0))
+            with context:
+                grads = vmap(per_parent)(params, xs.unflatten(0, (-1, b)), ys.unflatten(0, (-1, b)))
+            params = {n: (p.unsqueeze(1) - inner_lr * grads[n]).flatten(0, 1)
                       for n, p in params.items()}
-        shared = False
+        else:
+            at_parent = _rows(params, level.parent_index)
+            with context:
+                grads = vmap(grad(loss))(at_parent, xs, ys)
+            params = _sgd(at_parent, grads, inner_lr)
     leaf = levels[-1]
     if not leaf.sorted_already:  # rows are clusters; put them back in task order
         task_to_row = torch.empty_like(leaf.task_order)
         task_to_row[leaf.task_order] = torch.arange(len(leaf.task_order))
-        params = {n: p.index_select(0, task_to_row) for n, p in params.items()}
+        params = _rows(params, task_to_row)
     return vmap(loss)(params, batch.query_x, batch.query_y).mean()
+
+
+def _rows(params: Params, index: Tensor) -> Params:
+    return {n: p.index_select(0, index) for n, p in params.items()}
 
 
 def _cluster_grads_loop(loss, params: Params, shared: bool, level: Level, batch: Batch) -> Params:

@@ -1,9 +1,11 @@
 """The one place that knows how treepool's learners are built and where their
 meta-gradients live, so that the benchmark and its tests follow API changes here only.
 
-Today a learner holds its meta-parameters as one flat ``theta`` (``learner.parameters()``)
-and ``MAML`` takes ``num_tasks`` optionally; when the model's own parameters become the
-meta-parameters, :func:`meta_grads` reads them from the model instead.
+Two learner APIs are handled: the older one holds the meta-parameters as one flat
+``theta`` tensor (an ``nn.Parameter`` of the learner); the newer one makes the model's own
+parameters the meta-parameters (``theta()`` a method returning them). Both take
+``inner_lr``, ``inner_steps``, ``first_order`` and ``loss_fn`` as keywords, and
+``learner.parameters()`` is what the outer optimizer steps.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def meta_loss(learner: nn.Module, batch) -> Tensor:
 def meta_grads(learner: nn.Module, model: nn.Module) -> Dict[str, Tensor]:
     """The meta-gradient by the model's parameter names, after ``backward()``."""
     theta = getattr(learner, "theta", None)
-    if theta is None or theta.grad is None:  # the model's parameters are the meta-parameters
+    if not isinstance(theta, Tensor):  # the model's own parameters are the meta-parameters
         return {n: p.grad for n, p in model.named_parameters()}
     flat = learner.flat
     return {name: theta.grad[start:start + numel].view(shape)

@@ -169,9 +169,9 @@ def measure(entries: List[Contender], repeats: int, min_time: float, threads: in
     Returns key -> {"number": meta-steps per measurement, "times": [s per meta-step]}."""
     out = {}
     for c in entries:
-        for _ in range(warmup):
+        for _ in range(warmup - 1):
             c.step()
-        one = _timer(c.step, threads).timeit(1).mean
+        one = _timer(c.step, threads).timeit(1).mean  # the last warm-up step calibrates
         number = max(1, math.ceil(min_time / one)) if one > 0 else 1
         out[c.key] = {"number": number, "times": []}
     for r in range(repeats):
@@ -247,7 +247,7 @@ def verdict(rows: List[dict]) -> List[str]:
     return lines
 
 
-def ratio_plot(rows: List[dict], path: str) -> None:
+def ratio_plot(rows: List[dict], path: str, title: str) -> None:
     """treepool / best baseline per cell and family (median, whiskers min-max); needs
     matplotlib, skipped with a note without it."""
     try:
@@ -255,6 +255,7 @@ def ratio_plot(rows: List[dict], path: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print(f"--plot: matplotlib is not installed, {path} not written")
         return
@@ -273,6 +274,11 @@ def ratio_plot(rows: List[dict], path: str) -> None:
     ax.set_xticklabels(cells, rotation=75, ha="right", fontsize=6)
     ax.set_ylabel("time / best hand-written baseline (lower is better)")
     ax.set_yscale("log")
+    as_ratio = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.yaxis.set_major_formatter(as_ratio)
+    ax.yaxis.set_minor_formatter(as_ratio)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -300,7 +306,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, help="repetitions per cell (default 7, --quick 3)")
     p.add_argument("--min-time", type=float,
                    help="seconds per measurement (default 0.2, --quick 0.05)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed meta-steps per contender")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="meta-steps per contender before the repetitions (>= 1; the last one "
+                        "sets how many steps a measurement runs)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--plot", help="write a PNG of the ratios here (needs matplotlib)")
     p.add_argument("--profile", help="write a torch.profiler trace of TreeMAML treepool steps here")
@@ -309,8 +317,8 @@ def parse_args(argv=None):
         args.repeats = 3 if args.quick else 7
     if args.min_time is None:
         args.min_time = 0.05 if args.quick else 0.2
-    if args.threads < 1 or args.repeats < 1:
-        p.error("--threads and --repeats must be >= 1")
+    if min(args.threads, args.repeats, args.warmup) < 1:
+        p.error("--threads, --repeats and --warmup must be >= 1")
     return args
 
 
@@ -349,7 +357,8 @@ def main(argv=None):
     if args.json:
         run.write_json(args.json)
     if args.plot:
-        ratio_plot(run.rows, args.plot)
+        ratio_plot(run.rows, args.plot, f"treepool / best hand-written baseline\n"
+                                        f"{run.machine}, torch {run.torch}")
     if args.profile:
         profile_steps(cells[0], args, device)
     return run

@@ -333,6 +333,11 @@ def main(argv=None):
                      f"TreeMAML {TREE_DEPTH} (balanced tree, {TREE_BRANCHING} then "
                      f"{TREE_BRANCHING ** 2} clusters capped at T, then the leaves); Adam; "
                      f"{args.repeats} interleaved repetitions, each >= {args.min_time} s per contender")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load is not None:
+        run.notes.append(f"load average at the start: {load:.2f} on {os.cpu_count()} CPUs "
+                         "(other processes' work slows every contender; the ratios are paired "
+                         "per repetition)")
     # tqdm writes nothing when stderr is not a terminal (disable=None).
     with tqdm(total=len(cells) * args.repeats, disable=None, file=sys.stderr, unit="rep") as bar:
         for cell in cells:

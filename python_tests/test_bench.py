@@ -19,6 +19,18 @@ import torch
 import treepool
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)  # bench/ scripts and their modules, imported by the tests below
+import baselines  # noqa: E402
+import bench_meta  # noqa: E402
+import treepool_adapter  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """The in-process checks here are small ops: one intra-op thread, as bench_meta uses
+    (a second one made them 10-50x slower on a busy 2-core machine; conftest restores
+    the count after each test)."""
+    torch.set_num_threads(1)
 
 
 def run_script(name, *args, timeout=600):
@@ -52,6 +64,7 @@ def test_bench_meta_quick(tmp_path):
     out = run_script("bench_meta.py", *TINY_META, "--json", str(tmp_path / "meta.json"),
                      "--profile", str(tmp_path / "trace"))
     assert "| MLP 8 T=8 3-shot second |" in out and "x best baseline" in out
+    assert "1 intra-op thread(s)" in out
     assert "\x1b" not in out  # no terminal escape codes when stdout is not a terminal
     data = json.loads((tmp_path / "meta.json").read_text())
     contenders = {(r["family"], r["contender"]) for r in data["rows"]}
@@ -65,10 +78,40 @@ def test_bench_meta_quick(tmp_path):
     assert (tmp_path / "trace" / "bench_meta_treemaml.json").stat().st_size > 0
 
 
-def test_bench_meta_threads_flag(tmp_path):
-    out = run_script("bench_meta.py", *TINY_META, "--conv-tasks", "", "--orders", "first",
-                     "--threads", "2")
-    assert "2 intra-op thread(s)" in out and "2 threads" in out
+def test_bench_meta_threads_reach_the_timed_steps(monkeypatch, capsys):
+    # Timing nothing: a stand-in for measure() records the thread setting it runs under.
+    seen = []
+
+    def fake_measure(entries, repeats, min_time, threads, warmup, progress):
+        seen.append((threads, torch.get_num_threads()))
+        return {c.key: {"number": 1, "times": [1e-3] * repeats} for c in entries}
+
+    monkeypatch.setattr(bench_meta, "measure", fake_measure)
+    bench_meta.main(TINY_META + ["--conv-tasks", "", "--orders", "first", "--threads", "2"])
+    assert seen == [(2, 2)]
+    assert "2 intra-op thread(s)" in capsys.readouterr().out
+
+
+def test_bench_meta_defaults_to_one_thread():
+    args = bench_meta.parse_args([])
+    assert args.threads == 1 and args.repeats >= 5
+    assert len(bench_meta.grid(args)) == 3 * 3 * 2 * 2 + 3 * 2  # widths x tasks x shots x orders + conv
+
+
+def test_bench_meta_interleaves_in_rotated_order():
+    calls = []
+    entries = [bench_meta.Contender("MAML", name, lambda name=name: calls.append(name))
+               for name in ("a", "b", "c")]
+
+    class Bar:
+        def update(self, n):
+            calls.append("|")
+
+    timed = bench_meta.measure(entries, repeats=3, min_time=0.0, threads=1, warmup=1, progress=Bar())
+    # Timer runs a measurement's own warm-up steps just before it: collapse repeats.
+    runs = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]
+    assert runs == ["a", "b", "c", "a", "b", "c", "|", "b", "c", "a", "|", "c", "a", "b", "|"]
+    assert all(len(t["times"]) == 3 and t["number"] == 1 for t in timed.values())
 
 
 def test_bench_distributed_quick(tmp_path):
@@ -85,10 +128,6 @@ def test_bench_distributed_quick(tmp_path):
 # --------------------------------------------------------------------------- baselines
 # bench_meta's ratios mean something only if every contender does the same work: each
 # hand-written baseline's meta-gradient must equal treepool's (float64, tiny sizes).
-
-sys.path.insert(0, BENCH)
-import baselines  # noqa: E402
-import treepool_adapter  # noqa: E402
 
 LR, STEPS = 0.1, 3
 TREES = {

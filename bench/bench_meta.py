@@ -19,7 +19,9 @@ inputs; 5-way 1-shot, 1 query image per class; cross-entropy) at 4, 16, 32 tasks
 Timing: every contender of a cell is built in this one process and timed INTERLEAVED:
 each repetition times every contender once, in an order rotated by one per
 repetition, with ``torch.utils.benchmark.Timer`` (``number`` meta-steps per
-measurement, chosen once per contender so that a measurement lasts ``--min-time``).
+measurement, chosen once per contender so that a measurement lasts ``--min-time``;
+the Timer runs 2 untimed steps just before each measurement, so a contender is timed
+warm even right after another one).
 Reported: min / median / max ms per meta-step over the repetitions, and for each
 contender its ratio to the best (lowest median) hand-written baseline of its family:
 the ratio of the medians, and the min-max of the per-repetition ratios (each taken
@@ -114,8 +116,9 @@ def problem(cell: Cell, device: torch.device):
     """(initial model, meta-batch, loss function) of a cell; the same for every contender."""
     torch.manual_seed(0)
     if cell.net == "mlp":
-        model, batch, loss_fn = (baselines.mlp(cell.size), baselines.regression_batch(cell.tasks, cell.shots),
-                                 F.mse_loss)
+        model = baselines.mlp(cell.size)
+        batch = baselines.regression_batch(cell.tasks, cell.shots)
+        loss_fn = F.mse_loss
     else:
         model = baselines.conv_net(CONV_WAYS, channels=cell.size)
         batch = baselines.classification_batch(cell.tasks, CONV_WAYS, CONV_SHOTS, CONV_QUERIES)

@@ -10,7 +10,8 @@ ratio against it means something:
 - :func:`vmap_tree_maml_loss`: TreeMAML computing each cluster's gradient ONCE, as the
   gradient of the mean support loss of its tasks at the parent's parameters (the
   cluster's tasks' samples form one batch); ``vmap`` over the clusters of a level when
-  they have equal sizes, a Python loop over them otherwise.
+  they have equal sizes (nested: parents outside, each parent's children inside sharing
+  its unbatched weights), a Python loop over them otherwise.
 - :func:`loop_maml_loss`: MAML as learn2learn users write it, a Python loop over tasks
   with ``torch.autograd.grad(create_graph=not first_order)``.
 - :func:`loop_tree_maml_loss`: TreeMAML as a Python loop over the clusters of each level
@@ -22,12 +23,14 @@ gradients are constants). :func:`meta_step` turns one into a full meta-step.
 
 First order everywhere means what treepool means: the inner gradients are constants,
 but the adapted parameters still depend on the meta-parameters through the identity
-(``phi = theta - lr * g``, ``d phi / d theta = I``). The first-order baselines take
-their inner gradients at detached parameters, so no graph is recorded for them.
+(``phi = theta - lr * g``, ``d phi / d theta = I``). The first-order baselines record
+no graph for their inner gradients (``torch.no_grad`` around ``torch.func.grad``, or
+``autograd.grad`` at detached parameters).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
@@ -133,6 +136,11 @@ def _sgd(params: Params, grads: Params, lr: float) -> Params:
     return {n: p - lr * grads[n] for n, p in params.items()}
 
 
+def _inner_grad_mode(first_order: bool):
+    """First order: inner gradients are constants, so no graph is recorded for them."""
+    return torch.no_grad() if first_order else contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- (a) vmap MAML
 
 def vmap_maml_loss(model: nn.Module, batch: Batch, inner_lr: float, inner_steps: int,
@@ -144,10 +152,7 @@ def vmap_maml_loss(model: nn.Module, batch: Batch, inner_lr: float, inner_steps:
     for step in range(inner_steps):
         # The first step runs at the shared meta-parameters: no per-task copies.
         batched = task_grads if step else vmap(grad(loss), in_dims=(None, 0, 0))
-        if first_order:
-            with torch.no_grad():
-                grads = batched(params, batch.support_x, batch.support_y)
-        else:
+        with _inner_grad_mode(first_order):
             grads = batched(params, batch.support_x, batch.support_y)
         params = _sgd(params, grads, inner_lr)
     return vmap(loss)(params, batch.query_x, batch.query_y).mean()
@@ -169,9 +174,9 @@ class Level:
     fanout: int                  # b when cluster c's parent is c // b for all c, else 0
 
 
-def tree_levels(labels: Sequence[Sequence[int]]) -> List[Level]:
+def tree_levels(labels: Sequence[Sequence[int]], device=None) -> List[Level]:
     """Levels 1..K from per-task labels (level 1 first, each refining the one above;
-    labels of a level need not be 0..C-1 or contiguous)."""
+    labels of a level need not be 0..C-1 or contiguous); index tensors on ``device``."""
     out = []
     above = [0] * len(labels[0])
     num_above = 1
@@ -188,8 +193,8 @@ def tree_levels(labels: Sequence[Sequence[int]]) -> List[Level]:
         fanout = len(members) // num_above
         if parents != [c // fanout for c in range(len(members))]:
             fanout = 0
-        out.append(Level(len(members), parents, members, torch.tensor(parents),
-                         torch.tensor(order), order == list(range(len(order))),
+        out.append(Level(len(members), parents, members, torch.tensor(parents, device=device),
+                         torch.tensor(order, device=device), order == list(range(len(order))),
                          len({len(m) for m in members}) == 1, fanout))
         above, num_above = dense, len(members)
     return out
@@ -218,7 +223,7 @@ def vmap_tree_maml_loss(model: nn.Module, levels: List[Level], batch: Batch, inn
     loss = _task_loss(model, loss_fn)
     params: Params = dict(model.named_parameters())  # level 0: the root, unbatched
     for depth, level in enumerate(levels):
-        context = torch.no_grad() if first_order else torch.enable_grad()
+        context = _inner_grad_mode(first_order)
         if not level.equal_sizes:
             with context:
                 grads = _cluster_grads_loop(loss, params, depth == 0, level, batch)
@@ -245,7 +250,7 @@ def vmap_tree_maml_loss(model: nn.Module, levels: List[Level], batch: Batch, inn
     leaf = levels[-1]
     if not leaf.sorted_already:  # rows are clusters; put them back in task order
         task_to_row = torch.empty_like(leaf.task_order)
-        task_to_row[leaf.task_order] = torch.arange(len(leaf.task_order))
+        task_to_row[leaf.task_order] = torch.arange(len(task_to_row), device=task_to_row.device)
         params = _rows(params, task_to_row)
     return vmap(loss)(params, batch.query_x, batch.query_y).mean()
 
@@ -259,7 +264,7 @@ def _cluster_grads_loop(loss, params: Params, shared: bool, level: Level, batch:
     per_cluster = []
     for members, parent in zip(level.members, level.parents):
         at_parent = params if shared else {n: p[parent] for n, p in params.items()}
-        index = torch.tensor(members)
+        index = torch.tensor(members, device=batch.support_x.device)
         xs = batch.support_x.index_select(0, index).flatten(0, 1)
         ys = batch.support_y.index_select(0, index).flatten(0, 1)
         per_cluster.append(grad(loss)(at_parent, xs, ys))
@@ -304,7 +309,7 @@ def loop_tree_maml_loss(model: nn.Module, levels: List[Level], batch: Batch, inn
     for level in levels:
         new_nodes = []
         for members, parent in zip(level.members, level.parents):
-            index = torch.tensor(members)
+            index = torch.tensor(members, device=batch.support_x.device)
             xs = batch.support_x.index_select(0, index).flatten(0, 1)
             ys = batch.support_y.index_select(0, index).flatten(0, 1)
             grads = _grads(model, names, nodes[parent], xs, ys, loss_fn, first_order)
@@ -314,5 +319,6 @@ def loop_tree_maml_loss(model: nn.Module, levels: List[Level], batch: Batch, inn
     losses = []
     for t in range(batch.query_x.shape[0]):
         params = dict(zip(names, nodes[leaf_of_task[t]]))
-        losses.append(loss_fn(functional_call(model, params, (batch.query_x[t],)), batch.query_y[t]))
+        pred = functional_call(model, params, (batch.query_x[t],))
+        losses.append(loss_fn(pred, batch.query_y[t]))
     return torch.stack(losses).mean()

@@ -130,7 +130,7 @@ def contenders(cell: Cell, args, device: torch.device) -> List[Contender]:
     """Every contender of a cell, each with its own copy of the same initial model."""
     init, batch, loss_fn = problem(cell, device)
     labels = baselines.balanced_labels(cell.tasks, TREE_DEPTH, TREE_BRANCHING)
-    levels = baselines.tree_levels(labels)
+    levels = baselines.tree_levels(labels, device)
     fo, steps = cell.first_order, args.maml_steps
 
     def hand_written(loss):
@@ -266,7 +266,8 @@ def ratio_plot(rows: List[dict], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(cells)), 5))
     width = 0.8 / len(FAMILIES)
     for i, family in enumerate(FAMILIES):
-        mine = {cell_name(r): r for r in rows if r["family"] == family and r["contender"] == TREEPOOL}
+        mine = {cell_name(r): r for r in rows
+                if r["family"] == family and r["contender"] == TREEPOOL}
         xs = [k + (i - (len(FAMILIES) - 1) / 2) * width for k, c in enumerate(cells) if c in mine]
         med = [mine[c]["ratio"] for c in cells if c in mine]
         err = [[mine[c]["ratio"] - mine[c]["ratio_min"] for c in cells if c in mine],
@@ -291,7 +292,8 @@ def ratio_plot(rows: List[dict], path: str, title: str) -> None:
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (torch.set_num_threads); default 1")
@@ -303,9 +305,11 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="16,64,256", help="tasks per meta-batch (MLP)")
     p.add_argument("--shots", default="5,10", help="support (and query) points per task (MLP)")
     p.add_argument("--orders", default="second,first")
-    p.add_argument("--conv-tasks", default="4,16,32", help="tasks per meta-batch (conv net); '' for none")
+    p.add_argument("--conv-tasks", default="4,16,32",
+                   help="tasks per meta-batch (conv net); '' for none")
     p.add_argument("--conv-channels", type=int, default=64)
-    p.add_argument("--maml-steps", type=int, default=TREE_DEPTH, help="MAML inner steps (default 3)")
+    p.add_argument("--maml-steps", type=int, default=TREE_DEPTH,
+                   help="MAML inner steps (default 3)")
     p.add_argument("--repeats", type=int, help="repetitions per cell (default 7, --quick 3)")
     p.add_argument("--min-time", type=float,
                    help="seconds per measurement (default 0.2, --quick 0.05)")
@@ -335,7 +339,8 @@ def main(argv=None):
     run.notes.append(f"{args.threads} intra-op thread(s); MAML {args.maml_steps} inner steps; "
                      f"TreeMAML {TREE_DEPTH} (balanced tree, {TREE_BRANCHING} then "
                      f"{TREE_BRANCHING ** 2} clusters capped at T, then the leaves); Adam; "
-                     f"{args.repeats} interleaved repetitions, each >= {args.min_time} s per contender")
+                     f"{args.repeats} interleaved repetitions, each >= {args.min_time} s "
+                     "per contender")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if load is not None:
         run.notes.append(f"load average at the start: {load:.2f} on {os.cpu_count()} CPUs "
@@ -354,9 +359,11 @@ def main(argv=None):
     print(f"`{run.command}`\n")
     for note in run.notes:
         print(f"- {note}")
-    print("\n## treepool / best hand-written baseline, per cell (median ratio, per-repetition min-max)\n")
+    print("\n## treepool / best hand-written baseline, per cell "
+          "(median ratio, per-repetition min-max)\n")
     print(common.markdown_table(summary_rows(run.rows), [
-        ("cell", "cell", None), ("MAML", "MAML treepool", None), ("TreeMAML", "TreeMAML treepool", None)]))
+        ("cell", "cell", None), ("MAML", "MAML treepool", None),
+        ("TreeMAML", "TreeMAML treepool", None)]))
     print()
     for line in verdict(run.rows):
         print(f"- {line}")

@@ -48,6 +48,7 @@ def meta_grads(learner: nn.Module, model: nn.Module) -> Dict[str, Tensor]:
     if not isinstance(theta, Tensor):  # the model's own parameters are the meta-parameters
         return {n: p.grad for n, p in model.named_parameters()}
     flat = learner.flat
+    layout = zip(flat.names, flat.offsets, flat.numels, flat.shapes)
     return {name: theta.grad[start:start + numel].view(shape)
-            for name, start, numel, shape in zip(flat.names, flat.offsets, flat.numels, flat.shapes)}
+            for name, start, numel, shape in layout}
 

@@ -68,7 +68,8 @@ def test_bench_meta_quick(tmp_path):
     assert "\x1b" not in out  # no terminal escape codes when stdout is not a terminal
     data = json.loads((tmp_path / "meta.json").read_text())
     contenders = {(r["family"], r["contender"]) for r in data["rows"]}
-    assert contenders == {(f, c) for f in ("MAML", "TreeMAML") for c in ("treepool", "vmap", "loop")}
+    assert contenders == {(family, name) for family in ("MAML", "TreeMAML")
+                          for name in ("treepool", "vmap", "loop")}
     assert {(r["net"], r["order"]) for r in data["rows"]} == {
         (n, o) for n in ("mlp", "conv") for o in ("second", "first")}
     assert all(0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"] and r["ratio"] > 0
@@ -95,7 +96,8 @@ def test_bench_meta_threads_reach_the_timed_steps(monkeypatch, capsys):
 def test_bench_meta_defaults_to_one_thread():
     args = bench_meta.parse_args([])
     assert args.threads == 1 and args.repeats >= 5
-    assert len(bench_meta.grid(args)) == 3 * 3 * 2 * 2 + 3 * 2  # widths x tasks x shots x orders + conv
+    # MLP widths x tasks x shots x orders, then the conv net's tasks x orders
+    assert len(bench_meta.grid(args)) == 3 * 3 * 2 * 2 + 3 * 2
 
 
 def test_bench_meta_interleaves_in_rotated_order():
@@ -107,7 +109,8 @@ def test_bench_meta_interleaves_in_rotated_order():
         def update(self, n):
             calls.append("|")
 
-    timed = bench_meta.measure(entries, repeats=3, min_time=0.0, threads=1, warmup=1, progress=Bar())
+    timed = bench_meta.measure(entries, repeats=3, min_time=0.0, threads=1, warmup=1,
+                               progress=Bar())
     # Timer runs a measurement's own warm-up steps just before it: collapse repeats.
     runs = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]
     assert runs == ["a", "b", "c", "a", "b", "c", "|", "b", "c", "a", "|", "c", "a", "b", "|"]
@@ -144,9 +147,9 @@ def tiny_problem(net):
     if net == "mlp":
         return (baselines.mlp(6).double(), baselines.regression_batch(8, 3).to(torch.float64),
                 torch.nn.functional.mse_loss)
+    batch = baselines.classification_batch(8, ways=3, shots=1, queries=1, image=8)
     return (baselines.conv_net(ways=3, channels=3, layers=2, image=8).double(),
-            baselines.classification_batch(8, ways=3, shots=1, queries=1, image=8).to(torch.float64),
-            torch.nn.functional.cross_entropy)
+            batch.to(torch.float64), torch.nn.functional.cross_entropy)
 
 
 def grads_of(model, loss):
@@ -174,7 +177,8 @@ def test_maml_baselines_match_treepool(net, first_order):
                                                        loss_fn), batch)
     want = {n: want[n] for n, _ in model.named_parameters()}
     for loss in (baselines.vmap_maml_loss, baselines.loop_maml_loss):
-        got = grads_of(copy.deepcopy(model), lambda m: loss(m, batch, LR, STEPS, first_order, loss_fn))
+        got = grads_of(copy.deepcopy(model),
+                       lambda m: loss(m, batch, LR, STEPS, first_order, loss_fn))
         assert_same(got, want)
 
 
@@ -187,7 +191,8 @@ def test_tree_maml_baselines_match_treepool(net, tree, first_order):
     want = treepool_grads(model, learner, batch)
     levels = baselines.tree_levels(labels)
     for loss in (baselines.vmap_tree_maml_loss, baselines.loop_tree_maml_loss):
-        got = grads_of(copy.deepcopy(model), lambda m: loss(m, levels, batch, LR, first_order, loss_fn))
+        got = grads_of(copy.deepcopy(model),
+                       lambda m: loss(m, levels, batch, LR, first_order, loss_fn))
         assert_same(got, want)
 
 

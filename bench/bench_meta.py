@@ -32,8 +32,12 @@ is at most 1.0x in every cell.
 the whole run: one thread per process is right for meta-steps this small on a small
 machine (see bench/README_threads.md).
 
-    python bench/bench_meta.py --json meta.json --plot meta.png   # the full grid
-    python bench/bench_meta.py --quick                            # 3 cells, ~2 min on 2 cores
+    python bench/bench_meta.py --json meta.json --plot meta.png   # the full grid, 30-45 min
+    python bench/bench_meta.py --quick                            # 3 cells, about a minute
+
+It measures the treepool that ``import treepool`` finds (the notes say which); for a
+worktree built in place (``python setup.py build_ext --inplace``), run it with
+``PYTHONPATH=$PWD``.
 """
 
 from __future__ import annotations
@@ -336,6 +340,7 @@ def main(argv=None):
     cells = grid(args)
     run = common.Run("bench_meta.py", args.device, common.machine_description(device),
                      torch.__version__, common.command_line(), {})
+    run.notes.append(tp.describe())
     run.notes.append(f"{args.threads} intra-op thread(s); MAML {args.maml_steps} inner steps; "
                      f"TreeMAML {TREE_DEPTH} (balanced tree, {TREE_BRANCHING} then "
                      f"{TREE_BRANCHING ** 2} clusters capped at T, then the leaves); Adam; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -91,7 +92,8 @@ class Run:
 
 
 def command_line() -> str:
-    return "python " + " ".join(sys.argv)
+    """The command as typed, quoted so that it can be pasted back (empty arguments too)."""
+    return "python " + shlex.join(sys.argv)
 
 
 def markdown_table(rows: list, columns: list) -> str:

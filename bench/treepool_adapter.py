@@ -10,6 +10,7 @@ parameters the meta-parameters (``theta()`` a method returning them). Both take
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Sequence
 
 import torch.nn.functional as F
@@ -52,3 +53,10 @@ def meta_grads(learner: nn.Module, model: nn.Module) -> Dict[str, Tensor]:
     return {name: theta.grad[start:start + numel].view(shape)
             for name, start, numel, shape in layout}
 
+
+def describe() -> str:
+    """Which treepool is measured: where it was imported from, and whether its native
+    ops are built (without them every op runs the pure-PyTorch reference)."""
+    native = "built" if treepool.native_available() else "NOT built (reference ops)"
+    where = os.path.dirname(treepool.__file__)
+    return f"treepool {treepool.__version__} from {where}, native ops {native}"

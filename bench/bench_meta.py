@@ -1,285 +1,393 @@
-"""End-to-end benchmark: one meta-step of MAML and TreeMAML, treepool against what users
-write today.
+"""End-to-end benchmark: one meta-step of MAML and TreeMAML, treepool against the
+hand-written baselines of ``bench/baselines.py``.
 
-A meta-step is the inner loop (inner steps = tree depth), the outer loss, its backward
-(second or first order) and an Adam step. Implementations:
+A meta-step is the inner loop, the outer (query) loss, its backward (second or first
+order) and an Adam step. Contenders, per family:
 
-- ``treepool``: :class:`treepool.TreeMAML` / :class:`treepool.MAML` (batched with
-  torch.func, pooled updates through the treepool ops);
-- ``loop``: the way learn2learn users write it: a Python loop over tasks, each cloning
-  the parameters and taking ``torch.autograd.grad`` steps (for TreeMAML, the per-task
-  gradients are then averaged per cluster in Python);
-- ``higher``: ``higher.innerloop_ctx`` per task (MAML only; when higher is installed);
-- ``vmap``: a hand-written torch.func MAML, vmap over tasks, without treepool (MAML only).
+- MAML (3 inner steps, ``--maml-steps``): ``treepool`` (treepool.MAML), ``vmap``
+  (torch.func MAML), ``loop`` (a Python loop over tasks, learn2learn style);
+- TreeMAML (3 inner steps = the depth of a balanced tree with 4, then 16 clusters,
+  then the leaves; capped at T): ``treepool`` (treepool.TreeMAML), ``vmap`` (each
+  cluster's gradient computed once, vmap over the clusters of a level), ``loop`` (a
+  Python loop over the clusters).
 
-Peak memory is ``torch.cuda.max_memory_allocated`` on the GPU; on the CPU it is how far
-the process's peak resident set rose during one meta-step (Linux VmHWM, reset before
-the step), which undercounts memory the allocator had already cached.
+Cells: an MLP 1 -> width -> width -> 1 (MSE) at widths 40, 64, 256, 16/64/256 tasks,
+5 and 10 shots (support and query points per task), second and first order; and the
+Omniglot conv net (4 x [conv3x3 64 channels, ReLU, maxpool]; no BatchNorm; 28 x 28
+inputs; 5-way 1-shot, 1 query image per class; cross-entropy) at 4, 16, 32 tasks.
 
-    python bench/bench_meta.py            # the full table
-    python bench/bench_meta.py --quick    # about a minute on 2 cores
+Timing: every contender of a cell is built in this one process and timed INTERLEAVED:
+each repetition times every contender once, in an order rotated by one per
+repetition, with ``torch.utils.benchmark.Timer`` (``number`` meta-steps per
+measurement, chosen once per contender so that a measurement lasts ``--min-time``;
+the Timer runs 2 untimed steps just before each measurement, so a contender is timed
+warm even right after another one).
+Reported: min / median / max ms per meta-step over the repetitions, and for each
+contender its ratio to the best (lowest median) hand-written baseline of its family:
+the ratio of the medians, and the min-max of the per-repetition ratios (each taken
+against the same repetition of that baseline). treepool meets the bar when its ratio
+is at most 1.0x in every cell.
+
+``--threads N`` (default 1) sets torch's intra-op threads (torch.set_num_threads) for
+the whole run: one thread per process is right for meta-steps this small on a small
+machine (see bench/README_threads.md).
+
+    python bench/bench_meta.py --json meta.json --plot meta.png   # the full grid, 30-45 min
+    python bench/bench_meta.py --quick                            # 3 cells, about a minute
+
+It measures the treepool that ``import treepool`` finds (the notes say which); for a
+worktree built in place (``python setup.py build_ext --inplace``), run it with
+``PYTHONPATH=$PWD``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import os
+import statistics
 import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch.utils.benchmark import Timer
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines  # noqa: E402
 import common  # noqa: E402
+import treepool_adapter as tp  # noqa: E402
 
-import treepool  # noqa: E402
-from treepool.tree import TaskTree  # noqa: E402
-
-try:
-    import higher
-except ImportError:  # optional
-    higher = None
-
-
-def mlp(width: int, in_dim: int = 1) -> nn.Module:
-    """A 2-layer MLP: in_dim -> width -> width -> 1."""
-    return nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, 1))
+FAMILIES = ("MAML", "TreeMAML")
+TREEPOOL = "treepool"
+INNER_LR = 0.01
+OUTER_LR = 1e-3
+TREE_DEPTH, TREE_BRANCHING = 3, 4
+CONV_WAYS, CONV_SHOTS, CONV_QUERIES = 5, 1, 1
 
 
-def balanced_tree(num_tasks: int, depth: int = 3, branching: int = 4) -> TaskTree:
-    """Levels of branching**k clusters (capped at T), the last level the leaves."""
-    levels = []
-    for k in range(1, depth):
-        clusters = min(num_tasks, branching ** k)
-        levels.append([t * clusters // num_tasks for t in range(num_tasks)])
-    return TaskTree.from_labels(levels)
+@dataclass(frozen=True)
+class Cell:
+    """One configuration: an MLP of width ``size`` or the conv net of ``size`` channels."""
+
+    net: str  # "mlp" or "conv"
+    size: int
+    tasks: int
+    shots: int
+    order: str  # "second" or "first"
+
+    @property
+    def first_order(self) -> bool:
+        return self.order == "first"
+
+    def label(self) -> str:
+        net = f"MLP {self.size}" if self.net == "mlp" else f"conv {self.size}ch"
+        return f"{net}, T={self.tasks}, {self.shots}-shot, {self.order} order"
 
 
-def make_batch(num_tasks, shots, in_dim, device):
-    g = torch.Generator().manual_seed(0)
-    xs = torch.randn(num_tasks, shots, in_dim, generator=g)
-    xq = torch.randn(num_tasks, shots, in_dim, generator=g)
-    slope = torch.randn(num_tasks, 1, in_dim, generator=g)
-    ys = (xs * slope).sum(-1, keepdim=True).sin()
-    yq = (xq * slope).sum(-1, keepdim=True).sin()
-    return [t.to(device) for t in (xs, ys, xq, yq)]
+@dataclass
+class Contender:
+    family: str
+    name: str  # "treepool", "vmap", "loop"
+    step: Callable[[], None]
+
+    @property
+    def key(self) -> str:
+        return f"{self.family} {self.name}"
 
 
-# --------------------------------------------------------------------------- baselines
-
-def _call(model, names, params, x):
-    return torch.func.functional_call(model, dict(zip(names, params)), (x,))
+def _ints(text: str) -> List[int]:
+    return [int(v) for v in text.split(",") if v]
 
 
-def loop_tree_maml_loss(model, tree, batch, lr, first_order):
-    """TreeMAML as a per-task Python loop (clone + autograd.grad), clusters pooled in Python."""
-    xs, ys, xq, yq = batch
-    names = [n for n, _ in model.named_parameters()]
-    nodes = [list(model.parameters())]  # level 0: the root
-    prev_labels = [0] * tree.num_tasks
-    for level in range(1, tree.depth + 1):
-        grads = []
-        for t in range(tree.num_tasks):
-            p = nodes[prev_labels[t]]
-            loss = F.mse_loss(_call(model, names, p, xs[t]), ys[t])
-            grads.append(torch.autograd.grad(loss, p, create_graph=not first_order))
-        labels, parents = tree.labels(level).tolist(), tree.parents(level).tolist()
-        new_nodes = []
-        for c, parent in enumerate(parents):
-            members = [t for t in range(tree.num_tasks) if labels[t] == c]
-            mean = [sum(grads[t][i] for t in members) / len(members) for i in range(len(names))]
-            new_nodes.append([w - lr * g for w, g in zip(nodes[parent], mean)])
-        nodes, prev_labels = new_nodes, labels
-    losses = [F.mse_loss(_call(model, names, nodes[prev_labels[t]], xq[t]), yq[t])
-              for t in range(tree.num_tasks)]
-    return torch.stack(losses).mean()
+def grid(args) -> List[Cell]:
+    orders = [o for o in args.orders.split(",") if o]
+    cells = [Cell("mlp", w, t, s, o) for w in _ints(args.widths) for t in _ints(args.tasks)
+             for s in _ints(args.shots) for o in orders]
+    cells += [Cell("conv", args.conv_channels, t, CONV_SHOTS, o) for t in _ints(args.conv_tasks)
+              for o in orders]
+    if args.quick and not args.keep_grid:
+        # A small subset of the full grid's kinds of cells: both orders, both nets.
+        cells = [Cell("mlp", 40, 16, 5, "second"), Cell("mlp", 64, 64, 10, "first"),
+                 Cell("conv", 64, 4, CONV_SHOTS, "second")]
+    return cells
 
 
-def loop_maml_loss(model, steps, batch, lr, first_order):
-    """MAML as learn2learn users write it: per task, clone and take autograd.grad steps."""
-    xs, ys, xq, yq = batch
-    names = [n for n, _ in model.named_parameters()]
-    losses = []
-    for t in range(xs.shape[0]):
-        p = [w.clone() for w in model.parameters()]
-        for _ in range(steps):
-            loss = F.mse_loss(_call(model, names, p, xs[t]), ys[t])
-            g = torch.autograd.grad(loss, p, create_graph=not first_order)
-            p = [w - lr * gi for w, gi in zip(p, g)]
-        losses.append(F.mse_loss(_call(model, names, p, xq[t]), yq[t]))
-    return torch.stack(losses).mean()
-
-
-def higher_maml_step(model, steps, batch, lr, first_order, opt):
-    """MAML with higher.innerloop_ctx, one context per task (its documented pattern)."""
-    xs, ys, xq, yq = batch
-    inner = torch.optim.SGD(model.parameters(), lr=lr)
-    opt.zero_grad()
-    T = xs.shape[0]
-    for t in range(T):
-        with higher.innerloop_ctx(model, inner, copy_initial_weights=False,
-                                  track_higher_grads=not first_order) as (fmodel, diffopt):
-            for _ in range(steps):
-                diffopt.step(F.mse_loss(fmodel(xs[t]), ys[t]))
-            (F.mse_loss(fmodel(xq[t]), yq[t]) / T).backward()
-    opt.step()
-
-
-def vmap_maml_loss(model, steps, batch, lr, first_order):
-    """A hand-written torch.func MAML: vmap over tasks of K functional SGD steps."""
-    params = dict(model.named_parameters())
-
-    def support_loss(p, x, y):
-        return F.mse_loss(torch.func.functional_call(model, p, (x,)), y)
-
-    def query_loss(p, xs, ys, xq, yq):
-        for _ in range(steps):
-            g = torch.func.grad(support_loss)(p, xs, ys)
-            if first_order:
-                g = {n: v.detach() for n, v in g.items()}
-            p = {n: p[n] - lr * g[n] for n in p}
-        return F.mse_loss(torch.func.functional_call(model, p, (xq,)), yq)
-
-    return torch.func.vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(params, *batch).mean()
-
-
-# --------------------------------------------------------------------------- measurement
-
-def _status_kib(field: str):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def cpu_peak_growth(fn):
-    """Runs fn; returns how far the process's peak RSS rose above its RSS before (bytes),
-    or None where Linux's peak counter cannot be reset."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM, the peak resident set size
-        before = _status_kib("VmRSS")
-        fn()
-        return max(0, _status_kib("VmHWM") - before) * 1024
-    except OSError:
-        fn()
-        return None
-
-
-def methods(args, width, T, order, device):
-    """name -> (model, step function) for one configuration."""
-    first_order = order == "first"
-    lr, steps = 0.01, 3
-    tree = balanced_tree(T, depth=steps)
+def problem(cell: Cell, device: torch.device):
+    """(initial model, meta-batch, loss function) of a cell; the same for every contender."""
     torch.manual_seed(0)
+    if cell.net == "mlp":
+        model = baselines.mlp(cell.size)
+        batch = baselines.regression_batch(cell.tasks, cell.shots)
+        loss_fn = F.mse_loss
+    else:
+        model = baselines.conv_net(CONV_WAYS, channels=cell.size)
+        batch = baselines.classification_batch(cell.tasks, CONV_WAYS, CONV_SHOTS, CONV_QUERIES)
+        loss_fn = F.cross_entropy
+    return model.to(device), batch.to(device=device), loss_fn
+
+
+def contenders(cell: Cell, args, device: torch.device) -> List[Contender]:
+    """Every contender of a cell, each with its own copy of the same initial model."""
+    init, batch, loss_fn = problem(cell, device)
+    labels = baselines.balanced_labels(cell.tasks, TREE_DEPTH, TREE_BRANCHING)
+    levels = baselines.tree_levels(labels, device)
+    fo, steps = cell.first_order, args.maml_steps
+
+    def hand_written(loss):
+        model = copy.deepcopy(init)
+        opt = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
+        return lambda: baselines.meta_step(lambda: loss(model), opt)
+
+    def with_treepool(build):
+        learner = build(copy.deepcopy(init))
+        opt = torch.optim.Adam(tp.meta_parameters(learner), lr=OUTER_LR)
+        return lambda: baselines.meta_step(lambda: tp.meta_loss(learner, batch), opt)
+
+    return [
+        Contender("MAML", TREEPOOL, with_treepool(
+            lambda m: tp.maml(m, INNER_LR, steps, fo, loss_fn))),
+        Contender("MAML", "vmap", hand_written(
+            lambda m: baselines.vmap_maml_loss(m, batch, INNER_LR, steps, fo, loss_fn))),
+        Contender("MAML", "loop", hand_written(
+            lambda m: baselines.loop_maml_loss(m, batch, INNER_LR, steps, fo, loss_fn))),
+        Contender("TreeMAML", TREEPOOL, with_treepool(
+            lambda m: tp.tree_maml(m, labels, INNER_LR, fo, loss_fn))),
+        Contender("TreeMAML", "vmap", hand_written(
+            lambda m: baselines.vmap_tree_maml_loss(m, levels, batch, INNER_LR, fo, loss_fn))),
+        Contender("TreeMAML", "loop", hand_written(
+            lambda m: baselines.loop_tree_maml_loss(m, levels, batch, INNER_LR, fo, loss_fn))),
+    ]
+
+
+# --------------------------------------------------------------------------- timing
+
+def _timer(step: Callable[[], None], threads: int) -> Timer:
+    # Timer runs under num_threads intra-op threads (its own default is 1).
+    return Timer("step()", globals={"step": step}, num_threads=threads)
+
+
+def measure(entries: List[Contender], repeats: int, min_time: float, threads: int,
+            warmup: int, progress) -> Dict[str, dict]:
+    """Interleaved timing: per repetition, every contender once, order rotated by one.
+    Returns key -> {"number": meta-steps per measurement, "times": [s per meta-step]}."""
     out = {}
-
-    def with_adam(model, loss_fn):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def step():
-            opt.zero_grad()
-            loss_fn().backward()
-            opt.step()
-        return step
-
-    def add(name, build):
-        model = mlp(width).to(device)
-        out[name] = build(model)
-
-    batch = make_batch(T, args.shots, 1, device)
-    add("TreeMAML treepool", lambda m: _learner_step(
-        treepool.TreeMAML(m, tree, inner_lr=lr, first_order=first_order), batch))
-    add("TreeMAML loop", lambda m: with_adam(m, lambda: loop_tree_maml_loss(m, tree, batch, lr,
-                                                                            first_order)))
-    add("MAML treepool", lambda m: _learner_step(
-        treepool.MAML(m, T, inner_lr=lr, inner_steps=steps, first_order=first_order), batch))
-    add("MAML loop", lambda m: with_adam(m, lambda: loop_maml_loss(m, steps, batch, lr,
-                                                                   first_order)))
-    add("MAML vmap", lambda m: with_adam(m, lambda: vmap_maml_loss(m, steps, batch, lr,
-                                                                   first_order)))
-    if higher is not None:
-        def higher_step(m):
-            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-            return lambda: higher_maml_step(m, steps, batch, lr, first_order, opt)
-        add("MAML higher", higher_step)
+    for c in entries:
+        for _ in range(warmup - 1):
+            c.step()
+        one = _timer(c.step, threads).timeit(1).mean  # the last warm-up step calibrates
+        number = max(1, math.ceil(min_time / one)) if one > 0 else 1
+        out[c.key] = {"number": number, "times": []}
+    for r in range(repeats):
+        shift = r % len(entries)
+        for c in entries[shift:] + entries[:shift]:
+            out[c.key]["times"].append(_timer(c.step, threads).timeit(out[c.key]["number"]).mean)
+        progress.update(1)
     return out
 
 
-def _learner_step(learner, batch):
-    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+def summarize(cell: Cell, entries: List[Contender], timed: Dict[str, dict]) -> List[dict]:
+    """Rows of one cell: ms min/median/max per contender and ratios to the best baseline."""
+    rows = []
+    for family in FAMILIES:
+        members = [c for c in entries if c.family == family]
+        hand = [c for c in members if c.name != TREEPOOL]
+        best = min(hand, key=lambda c: statistics.median(timed[c.key]["times"]))
+        best_times = timed[best.key]["times"]
+        for c in members:
+            times = timed[c.key]["times"]
+            paired = [a / b for a, b in zip(times, best_times)]
+            rows.append(dict(
+                net=cell.net, size=cell.size, tasks=cell.tasks, shots=cell.shots, order=cell.order,
+                family=family, contender=c.name, best_baseline=best.name,
+                number=timed[c.key]["number"], repeats=len(times),
+                ms_min=min(times) * 1e3, ms_median=statistics.median(times) * 1e3,
+                ms_max=max(times) * 1e3,
+                ratio=statistics.median(times) / statistics.median(best_times),
+                ratio_min=min(paired), ratio_max=max(paired)))
+    return rows
 
-    def step():
-        opt.zero_grad()
-        learner.meta_loss(*batch).backward()
-        opt.step()
-    return step
+
+# --------------------------------------------------------------------------- report
+
+def cell_name(r: dict) -> str:
+    net = f"MLP {r['size']}" if r["net"] == "mlp" else f"conv {r['size']}ch"
+    return f"{net} T={r['tasks']} {r['shots']}-shot {r['order']}"
+
+
+def detail_table(rows: List[dict]) -> str:
+    return common.markdown_table(
+        [dict(r, cell=cell_name(r), who=f"{r['family']} {r['contender']}",
+              spread=f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}") for r in rows],
+        [("cell", "cell", None), ("who", "contender", None), ("ms_min", "ms min", "{:.2f}"),
+         ("ms_median", "ms median", "{:.2f}"), ("ms_max", "ms max", "{:.2f}"),
+         ("ratio", "x best baseline (medians)", "{:.2f}x"),
+         ("spread", "per-repetition ratio min-max", None)])
+
+
+def summary_rows(rows: List[dict]) -> List[dict]:
+    """One row per cell: treepool's ratio per family and which baseline was best."""
+    out: Dict[str, dict] = {}
+    for r in rows:
+        if r["contender"] != TREEPOOL:
+            continue
+        s = out.setdefault(cell_name(r), {"cell": cell_name(r)})
+        s[r["family"]] = (f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
+                          f"vs {r['best_baseline']}")
+    return list(out.values())
+
+
+def verdict(rows: List[dict]) -> List[str]:
+    lines = []
+    for family in FAMILIES:
+        mine = [r for r in rows if r["family"] == family and r["contender"] == TREEPOOL]
+        if not mine:
+            continue
+        worst = max(mine, key=lambda r: r["ratio"])
+        within = sum(r["ratio"] <= 1.0 for r in mine)
+        lines.append(f"{family} treepool at most 1.0x the best baseline in {within} of {len(mine)} "
+                     f"cells; worst {worst['ratio']:.2f}x ({cell_name(worst)}, vs "
+                     f"{worst['best_baseline']})")
+    return lines
+
+
+def ratio_plot(rows: List[dict], path: str, title: str) -> None:
+    """treepool / best baseline per cell and family (median, whiskers min-max); needs
+    matplotlib, skipped with a note without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print(f"--plot: matplotlib is not installed, {path} not written")
+        return
+    cells = list(dict.fromkeys(cell_name(r) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(cells)), 5))
+    width = 0.8 / len(FAMILIES)
+    for i, family in enumerate(FAMILIES):
+        mine = {cell_name(r): r for r in rows
+                if r["family"] == family and r["contender"] == TREEPOOL}
+        xs = [k + (i - (len(FAMILIES) - 1) / 2) * width for k, c in enumerate(cells) if c in mine]
+        med = [mine[c]["ratio"] for c in cells if c in mine]
+        err = [[mine[c]["ratio"] - mine[c]["ratio_min"] for c in cells if c in mine],
+               [mine[c]["ratio_max"] - mine[c]["ratio"] for c in cells if c in mine]]
+        ax.bar(xs, med, width, yerr=err, capsize=2, label=f"{family} treepool")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels(cells, rotation=75, ha="right", fontsize=6)
+    ax.set_ylabel("time / best hand-written baseline (lower is better)")
+    ax.set_yscale("log")
+    as_ratio = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.yaxis.set_major_formatter(as_ratio)
+    ax.yaxis.set_minor_formatter(as_ratio)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (torch.set_num_threads); default 1")
+    p.add_argument("--quick", action="store_true",
+                   help="3 cells (MLP second and first order, conv), fewer and shorter repetitions")
+    p.add_argument("--keep-grid", action="store_true",
+                   help="with --quick: run the grid given by --widths etc., not the 3 quick cells")
+    p.add_argument("--widths", default="40,64,256", help="MLP widths")
+    p.add_argument("--tasks", default="16,64,256", help="tasks per meta-batch (MLP)")
+    p.add_argument("--shots", default="5,10", help="support (and query) points per task (MLP)")
+    p.add_argument("--orders", default="second,first")
+    p.add_argument("--conv-tasks", default="4,16,32",
+                   help="tasks per meta-batch (conv net); '' for none")
+    p.add_argument("--conv-channels", type=int, default=64)
+    p.add_argument("--maml-steps", type=int, default=TREE_DEPTH,
+                   help="MAML inner steps (default 3)")
+    p.add_argument("--repeats", type=int, help="repetitions per cell (default 7, --quick 3)")
+    p.add_argument("--min-time", type=float,
+                   help="seconds per measurement (default 0.2, --quick 0.05)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="meta-steps per contender before the repetitions (>= 1; the last one "
+                        "sets how many steps a measurement runs)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--plot", help="write a PNG of the ratios here (needs matplotlib)")
+    p.add_argument("--profile", help="write a torch.profiler trace of TreeMAML treepool steps here")
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    if args.min_time is None:
+        args.min_time = 0.05 if args.quick else 0.2
+    if min(args.threads, args.repeats, args.warmup) < 1:
+        p.error("--threads, --repeats and --warmup must be >= 1")
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="a few small cases, about a minute")
-    parser.add_argument("--shots", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
-    parser.add_argument("--profile", help="write a torch.profiler trace of treepool steps here")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-
-    if args.quick:
-        grid = [(64, 16, "second"), (64, 16, "first")]
-    else:
-        grid = [(w, T, o) for w in (64, 256) for T in (16, 64, 256) for o in ("second", "first")]
+    cells = grid(args)
     run = common.Run("bench_meta.py", args.device, common.machine_description(device),
                      torch.__version__, common.command_line(), {})
-    if higher is None:
-        run.notes.append("higher is not installed: its column is absent")
-    for width, T, order in grid:
-        for name, step in methods(args, width, T, order, device).items():
-            common.progress(f"width {width}, {T} tasks, {order} order: {name}")
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                step()
-                peak = torch.cuda.max_memory_allocated(device)
-            else:
-                step()  # warm-up: caches and allocator pools
-                peak = cpu_peak_growth(step)
-            t = common.median_time(step, device, repeats=args.repeats, warmup=0)
-            run.rows.append(dict(method=name, width=width, tasks=T, order=order, ms=t * 1e3,
-                                 peak_mib=None if peak is None else peak / 2**20))
-    common.progress_done()
-    for r in run.rows:
-        base = next(x for x in run.rows if x["width"] == r["width"] and x["tasks"] == r["tasks"]
-                    and x["order"] == r["order"]
-                    and x["method"] == r["method"].split()[0] + " loop")
-        r["vs_loop"] = base["ms"] / r["ms"]
+    run.notes.append(tp.describe())
+    run.notes.append(f"{args.threads} intra-op thread(s); MAML {args.maml_steps} inner steps; "
+                     f"TreeMAML {TREE_DEPTH} (balanced tree, {TREE_BRANCHING} then "
+                     f"{TREE_BRANCHING ** 2} clusters capped at T, then the leaves); Adam; "
+                     f"{args.repeats} interleaved repetitions, each >= {args.min_time} s "
+                     "per contender")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load is not None:
+        run.notes.append(f"load average at the start: {load:.2f} on {os.cpu_count()} CPUs "
+                         "(other processes' work slows every contender; the ratios are paired "
+                         "per repetition)")
+    # tqdm writes nothing when stderr is not a terminal (disable=None).
+    with tqdm(total=len(cells) * args.repeats, disable=None, file=sys.stderr, unit="rep") as bar:
+        for cell in cells:
+            bar.set_description(cell.label())
+            entries = contenders(cell, args, device)
+            timed = measure(entries, args.repeats, args.min_time, args.threads, args.warmup, bar)
+            run.rows.extend(summarize(cell, entries, timed))
+            del entries
 
-    memory = "peak MiB (GPU)" if device.type == "cuda" else "peak RSS growth MiB"
     print(f"# bench_meta on {run.machine} ({args.device}), torch {run.torch}\n")
-    print(common.markdown_table(run.rows, [
-        ("method", "method", None), ("width", "MLP width", None), ("tasks", "tasks", None),
-        ("order", "order", None), ("ms", "ms / meta-step", "{:.1f}"),
-        ("vs_loop", "speed-up vs loop", "{:.1f}x"), ("peak_mib", memory, "{:.1f}")]))
+    print(f"`{run.command}`\n")
     for note in run.notes:
         print(f"- {note}")
+    print("\n## treepool / best hand-written baseline, per cell "
+          "(median ratio, per-repetition min-max)\n")
+    print(common.markdown_table(summary_rows(run.rows), [
+        ("cell", "cell", None), ("MAML", "MAML treepool", None),
+        ("TreeMAML", "TreeMAML treepool", None)]))
+    print()
+    for line in verdict(run.rows):
+        print(f"- {line}")
+    print("\n## every contender: ms per meta-step\n")
+    print(detail_table(run.rows))
     if args.json:
         run.write_json(args.json)
     if args.plot:
-        common.bar_plot(run.rows, args.plot, "ms", "ms per meta-step")
+        ratio_plot(run.rows, args.plot, f"treepool / best hand-written baseline\n"
+                                        f"{run.machine}, torch {run.torch}")
     if args.profile:
-        profile_steps(args, device)
+        profile_steps(cells[0], args, device)
     return run
 
 
-def profile_steps(args, device):
-    """A torch.profiler trace of a few TreeMAML meta-steps (chrome trace JSON)."""
-    step = methods(args, 64, 64, "second", device)["TreeMAML treepool"]
+def profile_steps(cell: Cell, args, device: torch.device) -> None:
+    """A torch.profiler trace (chrome JSON) of a few TreeMAML treepool meta-steps."""
+    step = next(c.step for c in contenders(cell, args, device)
+                if c.family == "TreeMAML" and c.name == TREEPOOL)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -91,7 +92,8 @@ class Run:
 
 
 def command_line() -> str:
-    return "python " + " ".join(sys.argv)
+    """The command as typed, quoted so that it can be pasted back (empty arguments too)."""
+    return "python " + shlex.join(sys.argv)
 
 
 def markdown_table(rows: list, columns: list) -> str:
@@ -109,11 +111,15 @@ def markdown_table(rows: list, columns: list) -> str:
 
 
 def progress(message: str) -> None:
-    print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+    """One overwritten status line on stderr; nothing when stderr is not a terminal
+    (logs and pipes get no escape codes)."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
 
 
 def progress_done() -> None:
-    print("\r\033[K", end="", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def bar_plot(rows: list, path: str, value_key: str, ylabel: str) -> None:

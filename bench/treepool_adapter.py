@@ -47,7 +47,7 @@ def meta_grads(learner: nn.Module, model: nn.Module) -> Dict[str, Tensor]:
     """The meta-gradient by the model's parameter names, after ``backward()``."""
     theta = getattr(learner, "theta", None)
     if not isinstance(theta, Tensor):  # the model's own parameters are the meta-parameters
-        return {n: p.grad for n, p in model.named_parameters()}
+        return {n: p.grad for n, p in learner.model.named_parameters()}
     flat = learner.flat
     layout = zip(flat.names, flat.offsets, flat.numels, flat.shapes)
     return {name: theta.grad[start:start + numel].view(shape)

@@ -100,11 +100,10 @@ class _ReptileBase(MetaLearner):
     def _move_towards(self, target: Params, offsets: Tensor, weights, eps) -> None:
         """theta <- theta + eps (pooled target - theta), in place on the model's parameters."""
         eps = self.outer_lr if eps is None else check_rate_value("eps", eps, upper=1.0, positive=True)
+        theta = self.theta()
         with torch.no_grad():
-            for name, p in self.theta().items():
-                t = target[name]
-                ops.reptile_update_(p.detach().view(1, -1), t.reshape(t.shape[0], -1), offsets,
-                                    eps, weights)
+            ops.reptile_update_([p.detach()[None] for p in theta.values()],
+                                [target[n] for n in theta], offsets, eps, weights)
 
     def _add_outer_grad(self, pooled: Params) -> None:
         with torch.no_grad():
@@ -216,8 +215,9 @@ class Reptile(_ReptileBase):
         """``{name: [*shape]}`` mean of phi (the tree mean for hierarchical Reptile); with a
         process group, over every rank's tasks."""
         rows, offsets, weights = self._pooled_rows(phi, tree)
-        return {n: ops.segment_mean(r.reshape(r.shape[0], -1), offsets, weights)[0].view(r.shape[1:])
-                for n, r in rows.items()}
+        names = list(rows)
+        means = ops.segment_mean([rows[n] for n in names], offsets, weights)
+        return {n: m[0] for n, m in zip(names, means)}
 
     def step(self, x: Inputs, y: Tensor, loss_fn: Optional[LossFn] = None, *,
              eps: Union[float, Tensor, None] = None, tree: Optional[TaskTree] = None) -> Params:

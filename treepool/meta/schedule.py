@@ -68,17 +68,13 @@ def descend(base: Params, grads: Params, lr) -> Params:
 
 
 def pooled_update(node: Params, grads: Params, offsets: Tensor, parents: Tensor, lr) -> Params:
-    """:func:`treepool.tree_update` of every parameter: ``node[parents[c]] - lr * mean of
-    grads over cluster c`` (grads rows in DFS order)."""
-    out = {}
-    for n, g in grads.items():
-        rate = lr[n] if isinstance(lr, dict) else lr
-        if isinstance(rate, Tensor) and rate.dim():
-            rate = rate.expand(g.shape[1:]).reshape(-1)
-        rows = ops.tree_update(node[n].reshape(node[n].shape[0], -1), g.reshape(g.shape[0], -1),
-                               offsets, parents, rate)
-        out[n] = rows.view(rows.shape[0], *g.shape[1:])
-    return out
+    """:func:`treepool.tree_update` of every parameter in one multi-tensor call:
+    ``node[parents[c]] - lr * mean of grads over cluster c`` (grads rows in DFS order)."""
+    names = list(grads)
+    rate = [lr[n] for n in names] if isinstance(lr, dict) else lr
+    out = ops.tree_update([node[n] for n in names], [grads[n] for n in names], offsets, parents,
+                          rate)
+    return dict(zip(names, out))
 
 
 def gather(params: Params, index: Optional[Tensor]) -> Params:

@@ -1,7 +1,7 @@
 // The treepool op schemas (one place for all of them) and the Python module
 // `treepool._C`, whose import registers the kernels of csrc/cpu and csrc/cuda.
 //
-// Semantics (DESIGN.md section 3), with rows of a [T, P] buffer grouped into clusters
+// Semantics (docs/design.md, section 3), with rows of a [T, P] buffer grouped into clusters
 // by offsets [C + 1] and an optional per-row weight w:
 //   segment_sum(x)                 out[c] = sum_{t in c} w_t x[t]
 //   segment_mean(x)                out[c] = segment_sum(x)[c] / sum_{t in c} w_t  (0 if empty)

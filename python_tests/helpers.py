@@ -1,7 +1,7 @@
 """Shared strategies, oracles and tolerances of the op tests.
 
 The oracles here are independent of treepool: plain Python loops over clusters and
-rows in float64, written from the definitions in DESIGN.md section 3.
+rows in float64, written from the definitions in docs/design.md, section 3.
 """
 
 from __future__ import annotations

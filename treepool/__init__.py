@@ -3,7 +3,7 @@ hierarchical meta-learning (TreeMAML, MAML, Meta-SGD, Reptile) in PyTorch.
 
 The ops work on flat [N, P] parameter buffers whose rows (tasks or tree nodes) are in
 DFS order of a task tree, so that each cluster is a contiguous range given by int64
-``offsets``. See README.md and DESIGN.md.
+``offsets``. See README.md and docs/design.md.
 """
 
 from ._backend import get_backend, native_available, set_backend, use_backend

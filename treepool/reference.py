@@ -10,7 +10,7 @@ weight (never multiply by its reciprocal, which overflows for tiny weights).
 Every op also has a list form (``*_multi``) over [N, P_i] buffers, one per model
 parameter: the single-tensor op applied to each.
 
-Layout (DESIGN.md section 2): a [T, P] buffer whose rows are tasks in DFS order;
+Layout (docs/design.md, section 2): a [T, P] buffer whose rows are tasks in DFS order;
 ``offsets`` [C + 1] says that cluster c owns rows offsets[c]..offsets[c+1]-1.
 """
 

@@ -800,9 +800,6 @@ def test_zero_shots_and_task_mismatch(which):
 
 
 @pytest.mark.skipif(not treepool.native_available(), reason="native extension not built")
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="the native ops' register_autograd rules do not compose with torch.func "
-                          "transforms yet (autograd.Function without setup_context); ops.py/_backend.py")
 def test_func_grad_through_native_tree_update():
     g = gen(4)
     node = torch.randn(2, 5, generator=g, dtype=torch.float64)

@@ -14,6 +14,10 @@ A cluster of zero total weight has output 0 and passes back 0.
 A MAML level (no weights, one row per cluster, parents the identity) has no segment
 to pass over: the backward of out = node - lr * grads is dL/dnode = dL/dout and
 dL/dgrads = -lr dL/dout, one multiply per tensor (see is_maml_level).
+
+The rules are registered by _functorch.register: an autograd.Function with
+setup_context and a batching rule per op, so that torch.func (grad, jacrev, vmap,
+vmap of grad, grad of grad) works on the native ops.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from torch._subclasses.fake_tensor import is_fake
 
+from ._functorch import register
 from .reference import masked_reciprocal
 
 ops = torch.ops.treepool
@@ -67,6 +72,8 @@ def is_maml_level(offsets, parents, weights, num_rows) -> bool:
     which takes the general path (the same result)."""
     if weights is not None or torch.compiler.is_compiling() or is_fake(offsets):
         return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (offsets, parents)):
+        return False  # under torch.func (a batched offsets cannot be read)
     C = offsets.shape[0] - 1
     if C != num_rows or parents.shape[0] != C or offsets.device.type == "meta":
         return False
@@ -204,13 +211,10 @@ def _reptile_update_backward(ctx, grad):
     return g_theta, g_phi, None, g_w, None, g_eps
 
 
-torch.library.register_autograd("treepool::segment_sum", _segment_sum_backward,
-                                setup_context=_setup_segment)
-torch.library.register_autograd("treepool::segment_mean", _segment_mean_backward,
-                                setup_context=_setup_segment)
-torch.library.register_autograd("treepool::segment_broadcast", _segment_broadcast_backward,
-                                setup_context=_setup_broadcast)
-torch.library.register_autograd("treepool::tree_update", _tree_update_backward,
-                                setup_context=_setup_tree_update)
-torch.library.register_autograd("treepool::reptile_update", _reptile_update_backward,
-                                setup_context=_setup_reptile_update)
+for _name, _backward, _setup in (
+        ("segment_sum", _segment_sum_backward, _setup_segment),
+        ("segment_mean", _segment_mean_backward, _setup_segment),
+        ("segment_broadcast", _segment_broadcast_backward, _setup_broadcast),
+        ("tree_update", _tree_update_backward, _setup_tree_update),
+        ("reptile_update", _reptile_update_backward, _setup_reptile_update)):
+    register(_name, _setup, _backward)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import _inv_total_per_row, _rate_grad, _row_dots, is_maml_level, node_grad_of_level
+from ._functorch import register
 
 ops = torch.ops.treepool
 
@@ -186,4 +187,4 @@ for _name, _backward, _setup in (
         ("segment_broadcast_multi", _segment_broadcast_backward, _setup_broadcast),
         ("tree_update_multi", _tree_update_backward, _setup_tree_update),
         ("reptile_update_multi", _reptile_update_backward, _setup_reptile_update)):
-    torch.library.register_autograd(f"treepool::{_name}", _backward, setup_context=_setup)
+    register(_name, _setup, _backward)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import treepool  # noqa: E402
-from treepool import reference  # noqa: E402
+from treepool.ops import reference  # noqa: E402
 
 try:
     import torch_scatter

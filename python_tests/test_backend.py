@@ -13,7 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import treepool
-from treepool import _backend, reference
+from treepool.ops import backend as _backend
+from treepool.ops import reference
 from helpers import CUDA, NATIVE, needs_cuda, needs_native
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

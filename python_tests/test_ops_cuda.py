@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import treepool
-from treepool import _backend
+from treepool.ops import backend as _backend
 from helpers import (
     AVAILABLE_BACKENDS, BACKENDS, DTYPES, RATE_KINDS, WEIGHT_KINDS, assert_close,
     assert_matches_exact, dtype_id, exact_mean, exact_reptile_update, exact_sums,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import treepool
-from treepool import reference
+from treepool.ops import reference
 from helpers import AVAILABLE_BACKENDS, BACKENDS, HALF, NATIVE, dtype_id, needs_native
 
 params = pytest.mark.parametrize

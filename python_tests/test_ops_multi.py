@@ -261,8 +261,8 @@ def test_maml_level_fast_path_equals_segment_path(backend, dtype, form):
 @needs_native
 def test_maml_level_backward_runs_no_segment_pass(monkeypatch):
     """The backward of a MAML level calls no treepool op at all (single and list form)."""
-    import treepool._autograd as single
-    import treepool._autograd_multi as multi
+    import treepool.ops.autograd as single
+    import treepool.ops.autograd_multi as multi
 
     class NoSegmentPass:
         def __getattr__(self, name):
@@ -283,7 +283,7 @@ def test_maml_level_backward_runs_no_segment_pass(monkeypatch):
 
 
 def test_maml_level_is_detected_exactly():
-    from treepool._autograd import is_maml_level
+    from treepool.ops.autograd import is_maml_level
     ar = torch.arange(5)
     assert is_maml_level(ar, ar[:4], None, 4)
     assert not is_maml_level(ar, ar[:4], torch.ones(4), 4)  # weights: segment path

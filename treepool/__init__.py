@@ -6,19 +6,19 @@ DFS order of a task tree, so that each cluster is a contiguous range given by in
 ``offsets``. See README.md and docs/design.md.
 """
 
-from ._backend import get_backend, native_available, set_backend, use_backend
 from .ops import (
+    get_backend,
+    native_available,
     reptile_update,
     reptile_update_,
     segment_broadcast,
     segment_mean,
     segment_sum,
+    set_backend,
     tree_update,
     tree_update_,
+    use_backend,
 )
-
-if native_available():
-    from . import _autograd, _autograd_multi, _fake  # noqa: F401  (registrations)
 
 from .tree import SoftTree, TaskTree, soft_broadcast, soft_segment_mean, soft_tree_update
 from .meta import (MAML, InnerRate, LearnedTreeMAML, Reptile, SequentialReptile, TreeMAML,

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .reference import accumulate_dtype, masked_reciprocal
+from .ops.numerics import accumulate_dtype, masked_reciprocal
 from .tree import TaskTree
 
 Rate = Union[float, Tensor]

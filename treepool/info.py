@@ -6,7 +6,8 @@ import platform
 
 import torch
 
-from . import __version__, _backend
+from . import __version__
+from .ops import backend as _backend
 
 
 def info() -> dict:

@@ -26,19 +26,19 @@ import torch
 
 from torch._subclasses.fake_tensor import is_fake
 
-from ._functorch import register
-from .reference import masked_reciprocal
+from .functorch import register
+from .numerics import masked_reciprocal
 
 ops = torch.ops.treepool
 
 
-def _row_dots(a, b):
+def row_dots(a, b):
     """<a_t, b_t> for every row, in float32 at least, shape [T, 1]."""
     acc = torch.promote_types(a.dtype, torch.float32)
     return (a.to(acc) * b.to(acc)).sum(1, keepdim=True).to(a.dtype)
 
 
-def _inv_total_per_row(offsets, weights, num_rows):
+def inv_total_per_row(offsets, weights, num_rows):
     """1 / W_{c(t)} for every row t (0 where W_c = 0), shape [T, 1]."""
     W = ops.segment_sum(weights[:, None], offsets, None)
     return ops.segment_broadcast(masked_reciprocal(W), offsets, None, False, num_rows)
@@ -49,7 +49,7 @@ def _sum_backward(grad, x, offsets, weights, need_x, need_w):
     gx = ops.segment_broadcast(grad, offsets, weights, False, T) if need_x else None
     gw = None
     if need_w:
-        gw = _row_dots(ops.segment_broadcast(grad, offsets, None, False, T), x)[:, 0]
+        gw = row_dots(ops.segment_broadcast(grad, offsets, None, False, T), x)[:, 0]
     return gx, gw
 
 
@@ -59,9 +59,9 @@ def _mean_backward(grad, x, offsets, weights, mean, need_x, need_w):
     gx = ops.segment_broadcast(grad, offsets, weights, True, T) if need_x else None
     gw = None
     if need_w:
-        per_row = _row_dots(ops.segment_broadcast(grad, offsets, None, False, T), x)
-        per_cluster = ops.segment_broadcast(_row_dots(grad, mean), offsets, None, False, T)
-        gw = ((per_row - per_cluster) * _inv_total_per_row(offsets, weights, T))[:, 0]
+        per_row = row_dots(ops.segment_broadcast(grad, offsets, None, False, T), x)
+        per_cluster = ops.segment_broadcast(row_dots(grad, mean), offsets, None, False, T)
+        gw = ((per_row - per_cluster) * inv_total_per_row(offsets, weights, T))[:, 0]
     return gx, gw
 
 
@@ -97,7 +97,7 @@ def _needs(ctx, n):
     return need + (False,) * (n - len(need))
 
 
-def _rate_grad(grad, value, rate_tensor):
+def rate_grad(grad, value, rate_tensor):
     """dL/d rate for out = ... + rate * value: a 0-d or [P] tensor like rate_tensor."""
     g = grad * value
     return g.sum() if rate_tensor.dim() == 0 else g.sum(0)
@@ -141,11 +141,11 @@ def _segment_broadcast_backward(ctx, grad):
     gw = None
     if need[2] and weights is not None:
         T = ctx.num_rows
-        d = _row_dots(grad, ops.segment_broadcast(g, offsets, None, False, T))
+        d = row_dots(grad, ops.segment_broadcast(g, offsets, None, False, T))
         if ctx.mean:
             d_mean = ops.segment_broadcast(ops.segment_mean(d, offsets, weights), offsets,
                                            None, False, T)
-            d = (d - d_mean) * _inv_total_per_row(offsets, weights, T)
+            d = (d - d_mean) * inv_total_per_row(offsets, weights, T)
         gw = d[:, 0]
     return gg, None, gw, None, None
 
@@ -169,7 +169,7 @@ def _tree_update_backward(ctx, grad):
         rate = lr_tensor if lr_tensor is not None else ctx.lr
         g_node = node_grad_of_level(grad, ctx.num_nodes) if need[0] else None
         g_grads = grad * (-rate) if need[1] else None
-        g_lr = -_rate_grad(grad, grads, lr_tensor) if need_lr else None
+        g_lr = -rate_grad(grad, grads, lr_tensor) if need_lr else None
         return g_node, g_grads, None, None, None, None, g_lr
     if need[0]:
         # node j receives the sum of the gradients of its children, a contiguous range.
@@ -182,7 +182,7 @@ def _tree_update_backward(ctx, grad):
         g_grads, g_w = _mean_backward(-(grad * rate), grads, offsets, weights, mean, need[1],
                                       need_w)
     if need_lr:
-        g_lr = -_rate_grad(grad, mean, lr_tensor)
+        g_lr = -rate_grad(grad, mean, lr_tensor)
     return g_node, g_grads, None, None, g_w, None, g_lr
 
 
@@ -207,7 +207,7 @@ def _reptile_update_backward(ctx, grad):
     if need[1] or need_w:
         g_phi, g_w = _mean_backward(grad * rate, phi, offsets, weights, mean, need[1], need_w)
     if need_eps:
-        g_eps = _rate_grad(grad, mean - theta, eps_tensor)
+        g_eps = rate_grad(grad, mean - theta, eps_tensor)
     return g_theta, g_phi, None, g_w, None, g_eps
 
 

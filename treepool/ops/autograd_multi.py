@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import _inv_total_per_row, _rate_grad, _row_dots, is_maml_level, node_grad_of_level
-from ._functorch import register
+from .autograd import inv_total_per_row, rate_grad, row_dots, is_maml_level, node_grad_of_level
+from .functorch import register
 
 ops = torch.ops.treepool
 
 
 def _row_dot_sum(a, b):
     """sum_i <a_i[t], b_i[t]> for every row t, shape [T, 1]."""
-    total = _row_dots(a[0], b[0])
+    total = row_dots(a[0], b[0])
     for ai, bi in zip(a[1:], b[1:]):
-        total = total + _row_dots(ai, bi)
+        total = total + row_dots(ai, bi)
     return total
 
 
@@ -48,7 +48,7 @@ def _mean_backward(grad, x, offsets, weights, mean, need_x, need_w):
     if need_w:
         per_row = _row_dot_sum(ops.segment_broadcast_multi(grad, offsets, None, False, T), x)
         per_cluster = ops.segment_broadcast(_row_dot_sum(grad, mean), offsets, None, False, T)
-        gw = ((per_row - per_cluster) * _inv_total_per_row(offsets, weights, T))[:, 0]
+        gw = ((per_row - per_cluster) * inv_total_per_row(offsets, weights, T))[:, 0]
     return gx, gw
 
 
@@ -107,7 +107,7 @@ def _segment_broadcast_backward(ctx, grad):
         if ctx.mean:
             d_mean = ops.segment_broadcast(ops.segment_mean(d, offsets, weights), offsets,
                                            None, False, T)
-            d = (d - d_mean) * _inv_total_per_row(offsets, weights, T)
+            d = (d - d_mean) * inv_total_per_row(offsets, weights, T)
         gw = d[:, 0]
     return _fit(ctx, (_nones(ctx.n, gg), None, gw, None, None))
 
@@ -146,7 +146,7 @@ def _tree_update_backward(ctx, grad):
             g_grads, g_w = _mean_backward(scaled, grads, offsets, weights, mean, need_grads,
                                           need_w)
     if need_lr:
-        g_lr = [-_rate_grad(g, m, r) for g, m, r in zip(grad, mean, rates)]
+        g_lr = [-rate_grad(g, m, r) for g, m, r in zip(grad, mean, rates)]
     elif ctx.has_rate:
         g_lr = [None] * n
     return _fit(ctx, (_nones(n, g_node), _nones(n, g_grads), None, None, g_w, None, g_lr))
@@ -175,7 +175,7 @@ def _reptile_update_backward(ctx, grad):
                                     mean, _need(ctx, 1), need_w)
     g_eps = None
     if need_eps:
-        g_eps = [_rate_grad(g, m - t, r) for g, m, t, r in zip(grad, mean, theta, rates)]
+        g_eps = [rate_grad(g, m - t, r) for g, m, t, r in zip(grad, mean, theta, rates)]
     elif ctx.has_rate:
         g_eps = [None] * n
     return _fit(ctx, (_nones(n, g_theta), _nones(n, g_phi), None, g_w, None, g_eps))

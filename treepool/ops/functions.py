@@ -29,8 +29,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _checks, reference
-from ._backend import runs_native
+from . import checks as _checks
+from . import reference
+from .backend import runs_native
 
 Rate = Union[float, Tensor, Sequence[Tensor]]
 Data = Union[Tensor, Sequence[Tensor]]

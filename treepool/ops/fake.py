@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import checks as _checks
 
 lib = torch.library
 

@@ -21,7 +21,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import checks as _checks
+from .numerics import accumulate_dtype, masked_reciprocal
 
 
 def _checking() -> bool:
@@ -30,25 +31,11 @@ def _checking() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types, the dtype itself otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def cluster_of_rows(offsets: Tensor, num_rows: int) -> Tensor:
     """[T] cluster index of every row: c for offsets[c] <= t < offsets[c+1]."""
     sizes = offsets[1:] - offsets[:-1]
     clusters = torch.arange(sizes.numel(), device=offsets.device)
     return torch.repeat_interleave(clusters, sizes, output_size=num_rows)
-
-
-def masked_reciprocal(W: Tensor) -> Tensor:
-    """1 / W where W > 0, else 0: the scale of a cluster mean (a cluster of zero total
-    weight has mean 0). The reciprocal is masked, not the quotient, so that its
-    gradient is 0 there rather than NaN."""
-    positive = W > 0
-    return torch.where(positive, 1.0 / torch.where(positive, W, torch.ones_like(W)),
-                       torch.zeros_like(W))
 
 
 ORACLE_DTYPE = torch.float64

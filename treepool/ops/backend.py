@@ -19,7 +19,7 @@ import torch
 BACKENDS = ("native", "reference")
 
 try:
-    from . import _C  # noqa: F401  (importing it registers the kernels)
+    from .. import _C  # noqa: F401  (importing it registers the kernels)
 
     NATIVE_ERROR = None
 except ImportError as exc:  # the extension was not built, or does not match this torch

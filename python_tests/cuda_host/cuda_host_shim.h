@@ -178,6 +178,27 @@ inline void fail(std::string why) {
   if (state.last_error.empty()) state.last_error = std::move(why);
 }
 
+// Makes lane l a fiber that starts at lane_entry. Kept out of run_warp: getcontext
+// returns twice, which makes g++ warn about the locals of its caller.
+__attribute__((noinline)) inline void start_fiber(Lane& l) {
+  getcontext(&l.ctx);
+  l.ctx.uc_stack.ss_sp = l.stack.data();
+  l.ctx.uc_stack.ss_size = l.stack.size();
+  l.ctx.uc_link = nullptr;
+  makecontext(&l.ctx, lane_entry, 0);
+}
+
+// The message for lane m, named in the mask of a shuffle that lane i waits at, which
+// has exited (or does not exist in a partial warp).
+__attribute__((noinline)) inline void fail_missing_lane(unsigned mask, int m, bool exists, int i) {
+  char hex[16];
+  std::snprintf(hex, sizeof hex, "%08x", mask);
+  fail(std::string("warp shuffle with mask 0x") + hex + ": lane " + std::to_string(m) +
+       (exists ? " has exited" : " does not exist") + " while lane " + std::to_string(i) +
+       " waits for it (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
+       ")");
+}
+
 // Runs the threads tids[0..n) as one warp; false (and last_error) on a bad shuffle.
 inline bool run_warp(const std::vector<uint3>& tids, const std::function<void()>& body) {
   Warp& w = warp();
@@ -187,11 +208,7 @@ inline bool run_warp(const std::vector<uint3>& tids, const std::function<void()>
     Lane& l = w.lanes[i];
     l.tid = tids[static_cast<size_t>(i)];
     l.st = LaneState::kReady;
-    getcontext(&l.ctx);
-    l.ctx.uc_stack.ss_sp = l.stack.data();
-    l.ctx.uc_stack.ss_size = l.stack.size();
-    l.ctx.uc_link = nullptr;
-    makecontext(&l.ctx, lane_entry, 0);
+    start_fiber(l);
   }
   for (int i = w.n; i < kWarp; ++i) w.lanes[i].st = LaneState::kDone;
   while (true) {
@@ -205,13 +222,7 @@ inline bool run_warp(const std::vector<uint3>& tids, const std::function<void()>
       waiting = true;
       for (int m = 0; m < kWarp; ++m) {
         if (!((l.mask >> m) & 1u) || (m < w.n && w.lanes[m].st == LaneState::kAtShuffle)) continue;
-        fail("warp shuffle with mask 0x" + [&] {
-          char hex[16];
-          std::snprintf(hex, sizeof hex, "%08x", l.mask);
-          return std::string(hex);
-        }() + ": lane " + std::to_string(m) + (m < w.n ? " has exited" : " does not exist") +
-             " while lane " + std::to_string(i) + " waits for it (block " +
-             std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + ")");
+        fail_missing_lane(l.mask, m, m < w.n, i);
         return false;  // the waiting fibers are abandoned; their stacks are reused
       }
     }

@@ -99,7 +99,7 @@ def _build(name: str, sources: list[Path], compile_flags: list[str], link_flags:
         return target
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=CACHE))
+    work = Path(tempfile.mkdtemp(prefix=f"tmp-{name}-", dir=CACHE))
     try:
         def compile_one(src: Path) -> Path:
             obj = work / (src.name + ".o")
@@ -119,6 +119,9 @@ def _build(name: str, sources: list[Path], compile_flags: list[str], link_flags:
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    for stale in CACHE.glob(f"{name}-*"):  # builds of older sources
+        if stale != target_dir:
+            shutil.rmtree(stale, ignore_errors=True)
     return target
 
 

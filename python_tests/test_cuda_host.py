@@ -196,3 +196,23 @@ def test_lane_that_exits_while_others_shuffle_is_reported():
     assert "lane 16 has exited" in harness.take_error()
     # The emulation is usable afterwards.
     assert harness.lib().tp_selftest_shuffle(ctypes.c_void_p(out.data_ptr()), 32) == 0
+
+
+def test_every_launch_states_its_kernels_launch_bounds():
+    """launch<kBound>(kernel, ...) must name the kernel's own __launch_bounds__, since
+    that is the bound the launch checks (nvcc and the host emulation alike)."""
+    import re
+
+    bounds, launches = {}, []
+    for source in sorted(host_build.CUDA_DIR.glob("*.cu")):
+        text = source.read_text()
+        for bound, name in re.findall(
+                r"__global__\s+void\s+__launch_bounds__\((\w+)\)\s*(\w+)\s*\(", text):
+            bounds[name] = bound
+        launches += re.findall(r"launch<(\w+)>\(\s*(\w+)", text)
+    assert bounds and launches
+    for bound, name in launches:
+        assert name in bounds, f"{name} is launched but declares no __launch_bounds__"
+        assert bounds[name] == bound, (
+            f"{name}: __launch_bounds__({bounds[name]}) but launched with launch<{bound}>")
+    assert set(bounds) == {name for _, name in launches}, "a kernel is never launched"

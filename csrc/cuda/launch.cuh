@@ -16,6 +16,10 @@
 
 #include <utility>
 
+#if !defined(__CUDACC__) && !defined(TREEPOOL_HOST_SHIM)
+#error "launch.cuh: compile the .cu files with nvcc, or with g++ -x c++ and -include python_tests/cuda_host/cuda_host_shim.h"
+#endif
+
 namespace treepool {
 namespace cuda {
 namespace detail {

@@ -23,6 +23,8 @@
 // depend on it.
 #pragma once
 
+#define TREEPOOL_HOST_SHIM 1  // launch.cuh refuses a host build without this header
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

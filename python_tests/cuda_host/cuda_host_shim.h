@@ -123,7 +123,6 @@ struct Warp {
   const void* sched_bottom = nullptr;  // the scheduler's stack (ASan)
   size_t sched_size = 0;
   const std::function<void()>* body = nullptr;  // one thread of the kernel
-  bool failed = false;
 };
 
 inline Warp& warp() {

@@ -9,8 +9,52 @@ has CUDA and nvcc is found (TORCH_CUDA_ARCH_LIST chooses the architectures, defa
 
 import glob
 import os
+import re
+import shutil
+import subprocess
 
 from setuptools import find_packages, setup
+
+
+def find_cuda_toolkit():
+    """(directory, how it was found) of the CUDA toolkit, or (None, why not).
+
+    $CUDA_HOME or $CUDA_PATH when set; else the toolkit of the nvcc on PATH. torch
+    guesses the toolkit as the folder above nvcc's folder, which is wrong when nvcc
+    is a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc exec'ing
+    /usr/local/cuda-13.0/bin/nvcc): then nvcc itself is asked (its --dryrun says TOP).
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var], f"${var}"
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None, "no nvcc on PATH, and neither CUDA_HOME nor CUDA_PATH is set"
+
+    def has_headers(home):
+        return os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+    real = os.path.realpath(nvcc)  # symbolic links resolved
+    home = os.path.dirname(os.path.dirname(real))
+    if has_headers(home):
+        return home, f"nvcc at {real}"
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.M)
+    except (OSError, subprocess.SubprocessError):
+        top = None
+    if top:
+        home = os.path.normpath(top.group(1).strip())
+        if has_headers(home):
+            return home, f"nvcc at {nvcc} (a wrapper; `nvcc --dryrun` names TOP={home})"
+    return None, f"nvcc at {nvcc} is not inside a CUDA toolkit (no include/cuda_runtime.h)"
+
+
+# Before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import.
+CUDA_TOOLKIT, CUDA_TOOLKIT_HOW = find_cuda_toolkit()
+if CUDA_TOOLKIT is not None and not os.environ.get("CUDA_HOME"):
+    os.environ["CUDA_HOME"] = CUDA_TOOLKIT
 
 try:
     import torch
@@ -39,7 +83,14 @@ def nvcc_found() -> bool:
 def with_cuda() -> bool:
     if os.environ.get("TREEPOOL_FORCE_CPU") == "1":
         return False
-    return torch.version.cuda is not None and nvcc_found()
+    if torch.version.cuda is None:
+        return False
+    if CUDA_TOOLKIT is None or not nvcc_found():
+        print(f"treepool setup: torch has CUDA {torch.version.cuda} but no CUDA toolkit was "
+              f"found ({CUDA_TOOLKIT_HOW}): building the CPU-only extension")
+        return False
+    print(f"treepool setup: CUDA toolkit {CUDA_HOME} (from {CUDA_TOOLKIT_HOW})")
+    return True
 
 
 def sources(pattern):

@@ -4,7 +4,8 @@ Every csrc/cuda/*.cu is compiled with plain ``nvcc -c`` for sm_80 and sm_90 (one
 per file, both -gencode at once), with the half-type restrictions torch's
 CUDAExtension adds. Any warning is a failure (``-Werror all-warnings``, and stderr
 must be empty). The torch binding csrc/cuda/bindings_cuda.cpp is syntax-checked with
-g++ against torch's headers and the CUDA headers, so that binding errors show up
+g++ against torch's headers and the CUDA headers, with the C++ standard torch builds
+extensions with (C++20 for torch 2.14), so that binding errors show up
 here too. The compiles run in parallel; nothing is linked and nothing runs on a GPU.
 
 Skipped, with the reason, when nvcc (or, for the binding, g++, torch's headers or the
@@ -71,6 +72,19 @@ def cuda_include_dir() -> str | None:
     return None
 
 
+def torch_cxx_standard(cpp_ext) -> str:
+    """The -std= that the installed torch's BuildExtension gives C++ sources (torch 2.14's
+    headers need C++20): read from its source, the newest standard it names."""
+    import inspect
+
+    try:
+        text = inspect.getsource(cpp_ext.BuildExtension)
+    except (OSError, TypeError):
+        return "c++17"
+    years = [int(y) for y in re.findall(r"c\+\+(\d\d)\b", text)]
+    return f"c++{max(years)}" if years else "c++17"
+
+
 def binding_command(source: Path) -> tuple[list[str] | None, str]:
     """g++ -fsyntax-only for a binding .cpp, or (None, why it cannot run)."""
     if GXX is None:
@@ -86,7 +100,8 @@ def binding_command(source: Path) -> tuple[list[str] | None, str]:
     cuda_inc = cuda_include_dir()
     if cuda_inc is None:
         return None, "the CUDA headers (cuda_runtime.h) were not found"
-    cmd = [GXX, "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", "-Werror"]
+    cmd = [GXX, "-fsyntax-only", f"-std={torch_cxx_standard(cpp_ext)}", "-Wall", "-Wextra",
+           "-Werror"]
     for inc in torch_includes + [cuda_inc]:
         cmd += ["-isystem", inc]  # their warnings are not ours
     # CPU-only torch wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h; it

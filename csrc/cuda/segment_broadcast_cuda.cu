@@ -20,6 +20,7 @@
 // values but no out-of-bounds access.
 #include "device_common.cuh"
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace treepool {
 namespace cuda {
@@ -138,9 +139,9 @@ cudaError_t launch_broadcast(const SegmentBroadcastArgs& a, const Plan& pl, void
     A* inv = static_cast<A*>(workspace);
     const int64_t blocks = ceil_div(a.C, kWarps);
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    cluster_inverse_weight_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        a.offsets, p.weights, a.C, a.T, inv);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err =
+        launch<kThreads>(cluster_inverse_weight_kernel<T>, dim3(static_cast<unsigned>(blocks)),
+                         dim3(kThreads), stream, a.offsets, p.weights, a.C, a.T, inv);
     if (err != cudaSuccess) return err;
     p.inv = inv;
   }
@@ -148,11 +149,10 @@ cudaError_t launch_broadcast(const SegmentBroadcastArgs& a, const Plan& pl, void
   const int eb = static_cast<int>(sizeof(T));
   const bool vector =
       rows_aligned(a.g, a.g_stride, a.C, eb) && rows_aligned(a.out, a.out_stride, a.T, eb);
-  if (vector)
-    segment_broadcast_kernel<VEC, true, T><<<pl.grid(), pl.block(), 0, stream>>>(p);
-  else
-    segment_broadcast_kernel<VEC, false, T><<<pl.grid(), pl.block(), 0, stream>>>(p);
-  return cudaGetLastError();
+  return vector ? launch<kThreads>(segment_broadcast_kernel<VEC, true, T>, pl.grid(),
+                                   pl.block(), stream, p)
+                : launch<kThreads>(segment_broadcast_kernel<VEC, false, T>, pl.grid(),
+                                   pl.block(), stream, p);
 }
 
 }  // namespace

@@ -62,6 +62,7 @@
 // but no access is out of bounds.
 #include "device_common.cuh"
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace treepool {
 namespace cuda {
@@ -399,17 +400,13 @@ cudaError_t launch_reduce(const SegmentReduceArgs& a, const Plan& pl, void* work
     vector = vector && rows_aligned(a.rate_tensor, 0, 1, eb);
 
   const dim3 grid = pl.grid(), block = pl.block();
-  if (vector)
-    segment_reduce_kernel<VEC, true, T><<<grid, block, 0, stream>>>(p);
-  else
-    segment_reduce_kernel<VEC, false, T><<<grid, block, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err =
+      vector ? launch<kThreads>(segment_reduce_kernel<VEC, true, T>, grid, block, stream, p)
+             : launch<kThreads>(segment_reduce_kernel<VEC, false, T>, grid, block, stream, p);
   if (err != cudaSuccess || pl.chunks <= 1) return err;
-  if (vector)
-    segment_combine_kernel<VEC, true, T><<<grid, block, 0, stream>>>(p);
-  else
-    segment_combine_kernel<VEC, false, T><<<grid, block, 0, stream>>>(p);
-  return cudaGetLastError();
+  return vector
+             ? launch<kThreads>(segment_combine_kernel<VEC, true, T>, grid, block, stream, p)
+             : launch<kThreads>(segment_combine_kernel<VEC, false, T>, grid, block, stream, p);
 }
 
 }  // namespace

@@ -26,7 +26,7 @@ TreeMAML's step (Garcia et al. 2021), for cluster c of level k with parent p(c):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -166,6 +166,18 @@ def _detach(params: Params, create_graph: bool) -> Params:
     return params if create_graph else {n: g.detach() for n, g in params.items()}
 
 
+def task_grads_at_nodes(state: NodeState, grads: Gradients, node_of_row) -> Tuple[Params, Params]:
+    """(every task's gradient at its node's parameters, the node parameters as rows
+    ``[N, *shape]``); ``node_of_row(device)`` maps each row to its node."""
+    if state.root:
+        g = grads.per_task(state.params, True)
+        node = {n: p[None] for n, p in state.params.items()}
+    else:
+        g = grads.per_task(gather(state.params, node_of_row(_device(state.params))), False)
+        node = state.params
+    return _detach(g, grads.create_graph), node
+
+
 class TreeSchedule:
     """A fixed :class:`TaskTree`: rows in its DFS order, one parameter set per node.
 
@@ -266,13 +278,7 @@ class TreeSchedule:
     def _kernel_step(self, state: NodeState, level: int, same: bool, lr, grads: Gradients) -> Params:
         """Per-task gradients at each task's node, pooled per cluster by tree_update."""
         tree, dev = self.tree, _device(state.params)
-        if state.root:
-            g = grads.per_task(state.params, True)
-            node = {n: p[None] for n, p in state.params.items()}
-        else:
-            g = grads.per_task(gather(state.params, tree.segment_ids(state.level, dev)), False)
-            node = state.params
-        g = _detach(g, grads.create_graph)
+        g, node = task_grads_at_nodes(state, grads, lambda d: tree.segment_ids(state.level, d))
         parents = (torch.arange(tree.num_clusters(level), device=dev) if same
                    else tree.parents(level, dev))
         return pooled_update(node, g, tree.offsets(level, dev), parents, lr)
@@ -340,14 +346,7 @@ class ShardedSchedule(TreeSchedule):
     def step(self, state: NodeState, k: int, lr, grads: Gradients) -> NodeState:
         sharded = self.sharded
         level = min(k + 1, self.tree.depth)
-        if state.root:
-            g = grads.per_task(state.params, True)
-            node = {n: p[None] for n, p in state.params.items()}
-        else:
-            dev = _device(state.params)
-            g = grads.per_task(gather(state.params, sharded.segment_ids(state.level, dev)), False)
-            node = state.params
-        g = _detach(g, grads.create_graph)
+        g, node = task_grads_at_nodes(state, grads, lambda d: sharded.segment_ids(state.level, d))
         rows = sharded.tree_update(flat_rows(node), flat_rows(g), level, _flat_rate(lr, g),
                                    same_level=level == state.level)
         return NodeState(_unflat_rows(rows, g), level, False)
@@ -418,14 +417,7 @@ class GrowingSchedule:
 
     def step(self, state: NodeState, k: int, lr, grads: Gradients) -> NodeState:
         grown: Optional[TaskTree] = state.extra
-        if state.root:
-            g = grads.per_task(state.params, True)
-            node = {n: p[None] for n, p in state.params.items()}
-        else:
-            dev = _device(state.params)
-            g = grads.per_task(gather(state.params, grown.labels(grown.depth, dev)), False)
-            node = state.params
-        g = _detach(g, grads.create_graph)
+        g, node = task_grads_at_nodes(state, grads, lambda d: grown.labels(grown.depth, d))
         dev = _device(g)
         if k < self.depth:
             new = self.grow(grown, flat_rows(g).detach())

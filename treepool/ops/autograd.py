@@ -142,12 +142,18 @@ def _segment_broadcast_backward(ctx, grad):
     if need[2] and weights is not None:
         T = ctx.num_rows
         d = row_dots(grad, ops.segment_broadcast(g, offsets, None, False, T))
-        if ctx.mean:
-            d_mean = ops.segment_broadcast(ops.segment_mean(d, offsets, weights), offsets,
-                                           None, False, T)
-            d = (d - d_mean) * inv_total_per_row(offsets, weights, T)
-        gw = d[:, 0]
+        gw = broadcast_weight_grad(d, offsets, weights, ctx.mean, T)
     return gg, None, gw, None, None
+
+
+def broadcast_weight_grad(d, offsets, weights, mean: bool, num_rows: int):
+    """dL/dw_t of out[t] = w_t g[c(t)] (/ W_c when ``mean``) from d_t = <dL/dout_t, g[c(t)]>
+    ([T, 1]): d_t itself, or (d_t - mean_c d) / W_c for the mean."""
+    if mean:
+        d_mean = ops.segment_broadcast(ops.segment_mean(d, offsets, weights), offsets, None,
+                                       False, num_rows)
+        d = (d - d_mean) * inv_total_per_row(offsets, weights, num_rows)
+    return d[:, 0]
 
 
 # ----------------------------------------------------------------------------- tree_update

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import inv_total_per_row, rate_grad, row_dots, is_maml_level, node_grad_of_level
+from .autograd import (broadcast_weight_grad, inv_total_per_row, is_maml_level,
+                       node_grad_of_level, rate_grad, row_dots)
 from .functorch import register
 
 ops = torch.ops.treepool
@@ -104,11 +105,7 @@ def _segment_broadcast_backward(ctx, grad):
     if _need(ctx, 2) and weights is not None:
         T = ctx.num_rows
         d = _row_dot_sum(grad, ops.segment_broadcast_multi(g, offsets, None, False, T))
-        if ctx.mean:
-            d_mean = ops.segment_broadcast(ops.segment_mean(d, offsets, weights), offsets,
-                                           None, False, T)
-            d = (d - d_mean) * inv_total_per_row(offsets, weights, T)
-        gw = d[:, 0]
+        gw = broadcast_weight_grad(d, offsets, weights, ctx.mean, T)
     return _fit(ctx, (_nones(ctx.n, gg), None, gw, None, None))
 
 

@@ -171,6 +171,14 @@ def segment_args(op: str, x_name: str, x: Tensor, offsets: Tensor,
     return C
 
 
+def check_trailing_shapes(op: str, base_name: str, base, data_name: str, data) -> None:
+    """Paired list elements agree in every dimension but the rows."""
+    for i, (b, d) in enumerate(zip(base, data)):
+        if tuple(b.shape[1:]) != tuple(d.shape[1:]):
+            _fail(op, f"{base_name}[{i}] has shape {_shape(b)} but {data_name}[{i}] has "
+                      f"{_shape(d)}: they must agree but for the rows")
+
+
 def tree_update_args(op: str, node_params: Tensor, grads: Tensor, offsets: Tensor,
                      parents: Tensor, lr_tensor: Optional[Tensor],
                      weights: Optional[Tensor], values: bool) -> int:

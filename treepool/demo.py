@@ -316,7 +316,8 @@ def format_table(results: Dict[str, dict], cfg: DemoConfig) -> str:
     fam = cfg.family
     T = math.prod(fam.branching)
     lines = [
-        f"hierarchical regression: {T} tasks per meta-batch (tree {' x '.join(map(str, fam.branching))}), "
+        f"hierarchical regression: {T} tasks per meta-batch (tree {' x '.join(map(str, fam.branching))}, "
+        f"scales {' '.join(f'{v:g}' for v in fam.scales)}), "
         f"{fam.shots}-shot support, {fam.queries} query points, noise {fam.noise}",
         f"budget per method: {cfg.steps} meta-steps x {cfg.seeds} seeds, {cfg.inner_steps} inner steps, "
         f"inner lr {cfg.inner_lr} ({cfg.lr_mode}), Adam {cfg.outer_lr}, MLP 1-{cfg.hidden}-{cfg.hidden}-1, "
@@ -381,6 +382,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-order", action="store_true", help="first-order MAML / TreeMAML")
     parser.add_argument("--quick", action="store_true",
                         help="tiny configuration for tests (a few seconds)")
+    parser.add_argument("--scales", type=float, nargs=4, default=None,
+                        metavar=("ROOT", "LEVEL1", "LEVEL2", "LEAF"),
+                        help="std of the family's terms (default 1 1 0.6 0.15; a weaker "
+                             "hierarchy: 1 0.5 0.3 0.3)")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
@@ -388,6 +393,10 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     if args.quick:
         cfg = dataclasses.replace(cfg, steps=6, seeds=2, hidden=16, eval_batches=2, curve_points=2,
                                   family=FamilyConfig(branching=(2, 2, 2)))
+    if getattr(args, "scales", None) is not None:
+        if any(not math.isfinite(v) or v < 0 for v in args.scales):
+            raise SystemExit("--scales must be 4 finite numbers >= 0")
+        cfg.family = dataclasses.replace(cfg.family, scales=tuple(args.scales))
     if args.steps is not None:
         cfg.steps = args.steps
     if args.seeds is not None:

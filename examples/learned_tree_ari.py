@@ -23,7 +23,6 @@ cut top-down by :meth:`TaskTree.from_affinity`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 from typing import Dict, List
 

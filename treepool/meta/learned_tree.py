@@ -20,7 +20,6 @@ import math
 import numbers
 from typing import Dict, Optional, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -22,6 +22,9 @@ same for every method), adapts on their support sets with the method's own inner
 loop, and measures the MSE on held-out query points against the noise-free function.
 TreeMAML gets the true tree of each batch (it is part of its input); Learned TreeMAML
 clusters the tasks from their gradients; MAML and Reptile adapt each task alone.
+Task t of every batch sits at the same place of the tree (its functions are fresh), so
+Learned TreeMAML accumulates the similarity of the tasks' gradients over the training
+batches (``affinity_momentum``) and evaluates with the tree cut from it.
 """
 
 from __future__ import annotations
@@ -120,6 +123,12 @@ class DemoConfig:
     eval_batches: int = 4
     curve_points: int = 12
     branching_learned: int = 4
+    # Learned TreeMAML's clustering (see LearnedTreeMAML): the centered similarity of the
+    # gradients at theta, averaged over all meta-batches seen (task t of every batch sits
+    # at the same place in the family's tree)
+    learned_signal: str = "root_gradient"
+    learned_center: bool = True
+    learned_momentum: Optional[float] = 1.0
     device: str = "cpu"
     threads: Optional[int] = 1         # torch intra-op threads on CPU (None: leave as is)
     methods: Tuple[str, ...] = ("MAML", "TreeMAML", "Learned TreeMAML", "Reptile")
@@ -146,6 +155,8 @@ class _Method:
                                     first_order=cfg.first_order, inner_steps=cfg.inner_steps)
         elif name == "Learned TreeMAML":
             self.learner = LearnedTreeMAML(net, family.tree.depth, branching=cfg.branching_learned,
+                                           signal=cfg.learned_signal, center=cfg.learned_center,
+                                           affinity_momentum=cfg.learned_momentum,
                                            inner_lr=cfg.inner_lr, lr_mode=cfg.lr_mode,
                                            first_order=cfg.first_order, inner_steps=cfg.inner_steps)
         elif name == "Reptile":
@@ -175,9 +186,15 @@ class _Method:
         total = 0.0
         self.tree_ari = []
         for b in batches:
-            with torch.no_grad():
-                phi = self.learner.adapt(b["support_x"], b["support_y"])
-                pred = self.learner.predict(phi, b["query_x"])
+            # eval mode: Learned TreeMAML clusters with the similarity accumulated in
+            # training and does not fold the evaluation tasks into it
+            self.learner.eval()
+            try:
+                with torch.no_grad():
+                    phi = self.learner.adapt(b["support_x"], b["support_y"])
+                    pred = self.learner.predict(phi, b["query_x"])
+            finally:
+                self.learner.train()
             total += float(F.mse_loss(pred, b["query_clean"]))
             if family is not None and isinstance(self.learner, LearnedTreeMAML):
                 grown = self.learner.last_tree
@@ -299,7 +316,8 @@ def format_table(results: Dict[str, dict], cfg: DemoConfig) -> str:
     fam = cfg.family
     T = math.prod(fam.branching)
     lines = [
-        f"hierarchical regression: {T} tasks per meta-batch (tree {' x '.join(map(str, fam.branching))}), "
+        f"hierarchical regression: {T} tasks per meta-batch (tree {' x '.join(map(str, fam.branching))}, "
+        f"scales {' '.join(f'{v:g}' for v in fam.scales)}), "
         f"{fam.shots}-shot support, {fam.queries} query points, noise {fam.noise}",
         f"budget per method: {cfg.steps} meta-steps x {cfg.seeds} seeds, {cfg.inner_steps} inner steps, "
         f"inner lr {cfg.inner_lr} ({cfg.lr_mode}), Adam {cfg.outer_lr}, MLP 1-{cfg.hidden}-{cfg.hidden}-1, "
@@ -364,6 +382,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-order", action="store_true", help="first-order MAML / TreeMAML")
     parser.add_argument("--quick", action="store_true",
                         help="tiny configuration for tests (a few seconds)")
+    parser.add_argument("--scales", type=float, nargs=4, default=None,
+                        metavar=("ROOT", "LEVEL1", "LEVEL2", "LEAF"),
+                        help="std of the family's terms (default 1 1 0.6 0.15; a weaker "
+                             "hierarchy: 1 0.5 0.3 0.3)")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
@@ -371,6 +393,10 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     if args.quick:
         cfg = dataclasses.replace(cfg, steps=6, seeds=2, hidden=16, eval_batches=2, curve_points=2,
                                   family=FamilyConfig(branching=(2, 2, 2)))
+    if getattr(args, "scales", None) is not None:
+        if any(not math.isfinite(v) or v < 0 for v in args.scales):
+            raise SystemExit("--scales must be 4 finite numbers >= 0")
+        cfg.family = dataclasses.replace(cfg.family, scales=tuple(args.scales))
     if args.steps is not None:
         cfg.steps = args.steps
     if args.seeds is not None:

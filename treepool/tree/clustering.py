@@ -269,12 +269,18 @@ def refine(labels, grads: torch.Tensor, *, branching: Optional[int] = None,
     least ``threshold`` (non-binary: any number of children; a cluster may
     stay whole).  Returns the new [T] int64 labels, numbered by (parent,
     child) and refining ``labels`` (children numbered by smallest task id).
-    Deterministic.
+    Deterministic.  :func:`refine_similarity` is the same on a given [T, T]
+    similarity.
     """
     grads = check_grads(grads, None)
-    num_tasks = grads.shape[0]
+    _check_split(branching, threshold, method, "refine")
+    sim = cosine_similarity_matrix(grads, chunk_size=chunk_size).cpu().double().numpy()
+    return refine_similarity(labels, sim, branching=branching, threshold=threshold, method=method)
+
+
+def _check_split(branching, threshold, method, who: str) -> None:
     if branching is None and threshold is None:
-        raise ValueError("refine needs branching, threshold or both")
+        raise ValueError(f"{who} needs branching, threshold or both")
     if branching is not None and (not is_int(branching) or branching < 1):
         raise ValueError(f"branching must be an int >= 1, got {branching!r}")
     if threshold is not None and (not isinstance(threshold, (numbers.Real, np.floating))
@@ -282,11 +288,32 @@ def refine(labels, grads: torch.Tensor, *, branching: Optional[int] = None,
                                   or not np.isfinite(threshold)):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     check_method(method)
+
+
+def _check_similarity(similarity, num_tasks: Optional[int] = None) -> np.ndarray:
+    sim = to_numpy(similarity, "similarity").astype(np.float64)
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] == 0:
+        raise ValueError(f"similarity must be a non-empty square [T, T] matrix, got shape {sim.shape}")
+    if num_tasks is not None and sim.shape[0] != num_tasks:
+        raise ValueError(f"similarity has {sim.shape[0]} rows but there are {num_tasks} tasks")
+    if not np.isfinite(sim).all():
+        raise ValueError("similarity contains non-finite values (inf or NaN)")
+    return (sim + sim.T) / 2
+
+
+def refine_similarity(labels, similarity, *, branching: Optional[int] = None,
+                      threshold: Optional[float] = None, method: str = "average") -> torch.Tensor:
+    """:func:`refine` on a given [T, T] similarity (cosine-like: 1 = alike; symmetrized)
+    instead of the cosine similarity of gradients, e.g. one accumulated over many
+    task batches (Learned TreeMAML's ``affinity_momentum``).  The distance is
+    ``1 - similarity`` and ``threshold`` is in similarity units."""
+    _check_split(branching, threshold, method, "refine_similarity")
+    sim = _check_similarity(similarity)
+    num_tasks = sim.shape[0]
     if labels is None:
         current = np.zeros(num_tasks, dtype=np.int64)
     else:
         current = compact_labels(labels, "labels", num_tasks)
-    sim = cosine_similarity_matrix(grads, chunk_size=chunk_size).cpu().double().numpy()
     cut = None if threshold is None else 1.0 - float(threshold)
     new = np.empty(num_tasks, dtype=np.int64)
     next_id = 0
@@ -326,6 +353,20 @@ def grow(cls, prefix, grads: torch.Tensor, *, branching: Optional[int] = None,
         raise ValueError(f"grads has {num_tasks} rows but prefix has {prefix.num_tasks} tasks")
     new = refine(prefix._levels[-1], grads, branching=branching, threshold=threshold,
                      method=method, chunk_size=chunk_size)
+    return cls(list(prefix._levels) + [new.numpy()], order=prefix._perm)
+
+def grow_similarity(cls, prefix, similarity, *, branching: Optional[int] = None,
+                    threshold: Optional[float] = None, method: str = "average") -> "TaskTree":
+    """:func:`grow` from a given [T, T] similarity (see :func:`refine_similarity`)."""
+    new = refine_similarity(None if prefix is None else
+                            (prefix._levels[-1] if isinstance(prefix, cls) else prefix),
+                            similarity, branching=branching, threshold=threshold, method=method)
+    if prefix is None:
+        return cls([new])
+    if not isinstance(prefix, cls):
+        prefix = cls([prefix])
+    if prefix.num_tasks != new.shape[0]:
+        raise ValueError(f"similarity has {new.shape[0]} rows but prefix has {prefix.num_tasks} tasks")
     return cls(list(prefix._levels) + [new.numpy()], order=prefix._perm)
 
 # ------------------------------------------------------ serialisation

@@ -28,6 +28,8 @@ __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "gram_matrix",
     "cosine_similarity_matrix",
+    "centered_cosine_similarity",
+    "cosine_from_gram",
     "cross_cosine_similarity",
     "cosine_distance_matrix",
 ]
@@ -133,6 +135,59 @@ def cosine_similarity_matrix(grads: torch.Tensor, chunk_size: Optional[int] = No
     sim = _normalise(dot, sq, sq)
     sim.fill_diagonal_(1.0)
     return sim.to(cdt)
+
+
+def centered_cosine_similarity(grads: torch.Tensor, groups: Optional[torch.Tensor] = None,
+                               chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Cosine similarity of the rows after subtracting their group's mean row.
+
+    ``S[i, j] = cos(g_i - m_{c(i)}, g_j - m_{c(j)})`` with ``m_c`` the mean of the
+    rows of group c (``groups`` [T] labels; ``None``: one group).  What all tasks of
+    a group share (at the root: the part of the gradient that every task of the
+    batch has in common) says nothing about how the group splits; removing it
+    leaves the differences between the tasks.  Computed from the float64 Gram
+    matrix (:func:`gram_matrix`, chunked over P), so no centered [T, P] copy is
+    made.  Returns [T, T] float64 on ``grads.device`` with a unit diagonal; a row
+    equal to its group's mean (e.g. a group of one) has similarity 0 with the others.
+    Similarities across groups are those of the centered rows too.
+    """
+    return cosine_from_gram(gram_matrix(grads, chunk_size), groups)
+
+
+def cosine_from_gram(gram: torch.Tensor, groups: Optional[torch.Tensor] = None,
+                     center: bool = True) -> torch.Tensor:
+    """[T, T] cosine similarity of rows whose Gram matrix is ``gram`` [T, T], after
+    subtracting their group's mean row when ``center`` (see
+    :func:`centered_cosine_similarity`).  Float64, unit diagonal."""
+    gram = gram.double()
+    T = gram.shape[0]
+    if not center:
+        sq = gram.diagonal().clamp_min(0.0)
+        sim = _normalise((gram + gram.T) / 2, sq, sq)
+        sim.fill_diagonal_(1.0)
+        return sim
+    if groups is None:
+        member = torch.full((1, T), 1.0 / T, dtype=gram.dtype, device=gram.device)
+        index = torch.zeros(T, dtype=torch.long, device=gram.device)
+    else:
+        if not isinstance(groups, torch.Tensor) or groups.shape != (T,):
+            raise ValueError(f"groups must be a [{T}] tensor of labels, got "
+                             f"{tuple(groups.shape) if isinstance(groups, torch.Tensor) else groups!r}")
+        index = torch.unique(groups.to(gram.device), return_inverse=True)[1]
+        onehot = torch.zeros(int(index.max()) + 1, T, dtype=gram.dtype, device=gram.device)
+        onehot[index, torch.arange(T, device=gram.device)] = 1.0
+        member = onehot / onehot.sum(1, keepdim=True)
+    # rows of C = I - M, M[i] = mean weights of i's group: centered Gram = C K C^T
+    proj = member[index]                                  # [T, T]
+    kc = gram - proj @ gram - gram @ proj.T + proj @ gram @ proj.T
+    kc = (kc + kc.T) / 2
+    sq = kc.diagonal().clamp_min(0.0)
+    # a row that is (numerically) its group's mean has no direction of its own
+    tiny = sq <= 1e-12 * gram.diagonal().clamp_min(1e-300)
+    sq = torch.where(tiny, torch.zeros_like(sq), sq)
+    sim = _normalise(kc, sq, sq)
+    sim.fill_diagonal_(1.0)
+    return sim
 
 
 def cross_cosine_similarity(a: torch.Tensor, b: torch.Tensor,

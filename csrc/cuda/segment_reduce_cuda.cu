@@ -317,28 +317,35 @@ __device__ __forceinline__ void combine_chunk(const ReduceParams<T>& p, int64_t 
   finish<E>(p, c - 1, cm, acc, WEIGHTED ? W : A(e - b));
 }
 
-template <Epilogue E, int VEC, bool VECTOR, typename T>
-__global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const ReduceParams<T> p) {
+// One thread's work in either pass: the first (reduce_chunk) or the second
+// (combine_chunk), weighted or not.
+template <bool COMBINE, Epilogue E, int VEC, bool VECTOR, typename T>
+__device__ __forceinline__ void run_pass(const ReduceParams<T>& p) {
   const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
   if (j >= p.chunks) return;
   const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(p.P);
   if (cm.n == 0) return;
-  if (p.weights != nullptr)
-    reduce_chunk<E, true>(p, j, cm);
-  else
-    reduce_chunk<E, false>(p, j, cm);
+  if (COMBINE) {
+    if (p.weights != nullptr)
+      combine_chunk<E, true>(p, j, cm);
+    else
+      combine_chunk<E, false>(p, j, cm);
+  } else {
+    if (p.weights != nullptr)
+      reduce_chunk<E, true>(p, j, cm);
+    else
+      reduce_chunk<E, false>(p, j, cm);
+  }
+}
+
+template <Epilogue E, int VEC, bool VECTOR, typename T>
+__global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const ReduceParams<T> p) {
+  run_pass<false, E, VEC, VECTOR>(p);
 }
 
 template <Epilogue E, int VEC, bool VECTOR, typename T>
 __global__ void __launch_bounds__(kThreads) segment_combine_kernel(const ReduceParams<T> p) {
-  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-  if (j >= p.chunks) return;
-  const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(p.P);
-  if (cm.n == 0) return;
-  if (p.weights != nullptr)
-    combine_chunk<E, true>(p, j, cm);
-  else
-    combine_chunk<E, false>(p, j, cm);
+  run_pass<true, E, VEC, VECTOR>(p);
 }
 
 Plan reduce_plan(const SegmentReduceArgs& a) {

@@ -28,6 +28,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../segment_args.h"
+
 namespace treepool {
 namespace cpu {
 
@@ -73,12 +75,13 @@ struct ClusterWeights {
   std::vector<acc_t> weights;  // empty when unweighted
   std::vector<acc_t> total;
 
-  ClusterWeights(const std::optional<at::Tensor>& w, const int64_t* offsets, int64_t C,
-                 bool rescale)
+  // w: [T] contiguous, or nullptr (unweighted).
+  template <typename scalar_t>
+  ClusterWeights(const scalar_t* w, int64_t T, const int64_t* offsets, int64_t C, bool rescale)
       : total(C) {
-    if (w) {
-      auto wd = w->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-      weights.assign(wd.template data_ptr<acc_t>(), wd.template data_ptr<acc_t>() + wd.numel());
+    if (w != nullptr) {
+      weights.resize(T);
+      for (int64_t t = 0; t < T; ++t) weights[t] = static_cast<acc_t>(w[t]);
     }
     for (int64_t c = 0; c < C; ++c) {
       const int64_t b = offsets[c], e = offsets[c + 1];
@@ -246,6 +249,22 @@ void segment_reduce(const std::vector<Rows<scalar_t>>& xs, int64_t T, const int6
     }
   });
 }
+
+// Calls f(static_cast<scalar_t*>(nullptr)) with the C++ type of d.
+template <typename F>
+void dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat32: return f(static_cast<float*>(nullptr));
+    case DType::kFloat64: return f(static_cast<double*>(nullptr));
+    case DType::kFloat16: return f(static_cast<at::Half*>(nullptr));
+    case DType::kBFloat16: return f(static_cast<at::BFloat16*>(nullptr));
+  }
+}
+
+// The CPU engine: runs the structs of one call (csrc/bindings.h), all tensors of the
+// list in one parallel region. They share dtype, epilogue, T, C, offsets and weights.
+void segment_reduce_cpu(const std::vector<SegmentReduceArgs>& args);     // segment_ops_cpu.cpp
+void segment_broadcast_cpu(const std::vector<SegmentBroadcastArgs>& args);  // segment_broadcast_cpu.cpp
 
 }  // namespace cpu
 }  // namespace treepool

@@ -115,6 +115,10 @@ Plan broadcast_plan(const SegmentBroadcastArgs& a) {
 
 bool needs_inverse(const SegmentBroadcastArgs& a) { return a.mean && a.weights != nullptr; }
 
+// Copies the plain SegmentBroadcastArgs into the kernel's typed BroadcastParams, as
+// launch_reduce does for SegmentReduceArgs (segment_reduce_cuda.cu): the two look alike
+// (`duplicates` pairs them) but fill different structs field by field; a shared
+// helper would need the two param structs to share members they do not have.
 template <typename T>
 cudaError_t launch_broadcast(const SegmentBroadcastArgs& a, const Plan& pl, void* workspace,
                              cudaStream_t stream) {

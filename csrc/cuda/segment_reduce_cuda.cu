@@ -89,7 +89,6 @@ struct ReduceParams {
   const T* rate_tensor;  // nullptr: `rate`
   int64_t rate_stride;   // 0 (0-d) or 1 ([P])
   A rate;
-  int epilogue;
   int64_t num_rows, P, C;  // T, P, C
   int64_t chunk_rows, chunks, padded_cols;  // the plan: L, J, row length of the scratch
   A* part;   // [2 J, padded_cols] partial sums, slot (j, s) at row 2 j + s
@@ -152,15 +151,16 @@ __device__ __forceinline__ void load_rates(const ReduceParams<T>& p, const Cols<
   }
 }
 
-// Writes out[c] from the cluster's weighted sums and total weight W.
-template <int VEC, bool VECTOR, typename T>
+// Writes out[c] from the cluster's weighted sums and total weight W. The epilogue E is
+// a template parameter: segment_reduce picks it once per launch, no thread switches.
+template <Epilogue E, int VEC, bool VECTOR, typename T>
 __device__ __forceinline__ void finish(const ReduceParams<T>& p, int64_t c,
                                        const Cols<VEC, VECTOR>& cm, const acc_t<T> (&acc)[VEC],
                                        acc_t<T> W) {
   using A = acc_t<T>;
   const A inv = W > A(0) ? A(1) / W : A(0);
   A res[VEC];
-  switch (static_cast<Epilogue>(p.epilogue)) {
+  switch (E) {
     default:
     case Epilogue::kSum:
 #pragma unroll
@@ -231,7 +231,7 @@ __device__ __forceinline__ Vec<acc_t<T>, VEC> load_partial(const ReduceParams<T>
 }
 
 // First pass, one thread = (VEC columns, chunk j).
-template <bool WEIGHTED, int VEC, bool VECTOR, typename T>
+template <Epilogue E, bool WEIGHTED, int VEC, bool VECTOR, typename T>
 __device__ __forceinline__ void reduce_chunk(const ReduceParams<T>& p, int64_t j,
                                              const Cols<VEC, VECTOR>& cm) {
   using A = acc_t<T>;
@@ -263,7 +263,7 @@ __device__ __forceinline__ void reduce_chunk(const ReduceParams<T>& p, int64_t j
     const int64_t stop = e < r_hi ? e : r_hi;
     sum_rows<WEIGHTED>(p, b, stop, cm, acc, W);
     if (e <= r_hi)
-      finish(p, c, cm, acc, WEIGHTED ? W : A(stop > b ? stop - b : 0));
+      finish<E>(p, c, cm, acc, WEIGHTED ? W : A(stop > b ? stop - b : 0));
     else  // runs past the chunk (only the last anchored cluster can)
       save_partial(p, j, 1, cm, acc, W);
     b = e > r_lo ? e : r_lo;
@@ -273,7 +273,7 @@ __device__ __forceinline__ void reduce_chunk(const ReduceParams<T>& p, int64_t j
 
 // Second pass, one thread = (VEC columns, chunk j): finishes the cluster that started
 // in an earlier chunk j0 and ends in chunk j, if there is one.
-template <bool WEIGHTED, int VEC, bool VECTOR, typename T>
+template <Epilogue E, bool WEIGHTED, int VEC, bool VECTOR, typename T>
 __device__ __forceinline__ void combine_chunk(const ReduceParams<T>& p, int64_t j,
                                               const Cols<VEC, VECTOR>& cm) {
   using A = acc_t<T>;
@@ -314,31 +314,38 @@ __device__ __forceinline__ void combine_chunk(const ReduceParams<T>& p, int64_t 
     for (int k = 0; k < VEC; ++k) acc[k] += v.v[k];
     if (WEIGHTED) W += p.wpart[2 * m];
   }
-  finish(p, c - 1, cm, acc, WEIGHTED ? W : A(e - b));
+  finish<E>(p, c - 1, cm, acc, WEIGHTED ? W : A(e - b));
 }
 
-template <int VEC, bool VECTOR, typename T>
+// One thread's work in either pass: the first (reduce_chunk) or the second
+// (combine_chunk), weighted or not.
+template <bool COMBINE, Epilogue E, int VEC, bool VECTOR, typename T>
+__device__ __forceinline__ void run_pass(const ReduceParams<T>& p) {
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  if (j >= p.chunks) return;
+  const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(p.P);
+  if (cm.n == 0) return;
+  if (COMBINE) {
+    if (p.weights != nullptr)
+      combine_chunk<E, true>(p, j, cm);
+    else
+      combine_chunk<E, false>(p, j, cm);
+  } else {
+    if (p.weights != nullptr)
+      reduce_chunk<E, true>(p, j, cm);
+    else
+      reduce_chunk<E, false>(p, j, cm);
+  }
+}
+
+template <Epilogue E, int VEC, bool VECTOR, typename T>
 __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const ReduceParams<T> p) {
-  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-  if (j >= p.chunks) return;
-  const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(p.P);
-  if (cm.n == 0) return;
-  if (p.weights != nullptr)
-    reduce_chunk<true>(p, j, cm);
-  else
-    reduce_chunk<false>(p, j, cm);
+  run_pass<false, E, VEC, VECTOR>(p);
 }
 
-template <int VEC, bool VECTOR, typename T>
+template <Epilogue E, int VEC, bool VECTOR, typename T>
 __global__ void __launch_bounds__(kThreads) segment_combine_kernel(const ReduceParams<T> p) {
-  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-  if (j >= p.chunks) return;
-  const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(p.P);
-  if (cm.n == 0) return;
-  if (p.weights != nullptr)
-    combine_chunk<true>(p, j, cm);
-  else
-    combine_chunk<false>(p, j, cm);
+  run_pass<true, E, VEC, VECTOR>(p);
 }
 
 Plan reduce_plan(const SegmentReduceArgs& a) {
@@ -358,7 +365,7 @@ size_t workspace_bytes(const SegmentReduceArgs& a, const Plan& pl) {
          align256(static_cast<size_t>(2 * pl.chunks) * static_cast<size_t>(acc_bytes(a.dtype)));
 }
 
-template <typename T>
+template <Epilogue E, typename T>
 cudaError_t launch_reduce(const SegmentReduceArgs& a, const Plan& pl, void* workspace,
                           cudaStream_t stream) {
   using A = acc_t<T>;
@@ -377,7 +384,6 @@ cudaError_t launch_reduce(const SegmentReduceArgs& a, const Plan& pl, void* work
   p.rate_tensor = static_cast<const T*>(a.rate_tensor);
   p.rate_stride = a.rate_stride;
   p.rate = static_cast<A>(a.rate);
-  p.epilogue = static_cast<int>(a.epilogue);
   p.num_rows = a.T;
   p.P = a.P;
   p.C = a.C;
@@ -392,7 +398,7 @@ cudaError_t launch_reduce(const SegmentReduceArgs& a, const Plan& pl, void* work
   }
 
   const int eb = static_cast<int>(sizeof(T));
-  const bool uses_base = a.epilogue == Epilogue::kTreeUpdate || a.epilogue == Epilogue::kReptile;
+  constexpr bool uses_base = E == Epilogue::kTreeUpdate || E == Epilogue::kReptile;
   bool vector = rows_aligned(a.x, a.x_stride, a.T, eb) &&
                 rows_aligned(a.out, a.out_stride, a.C, eb);
   if (uses_base) vector = vector && rows_aligned(a.base, a.base_stride, a.base_rows, eb);
@@ -401,12 +407,12 @@ cudaError_t launch_reduce(const SegmentReduceArgs& a, const Plan& pl, void* work
 
   const dim3 grid = pl.grid(), block = pl.block();
   cudaError_t err =
-      vector ? launch<kThreads>(segment_reduce_kernel<VEC, true, T>, grid, block, stream, p)
-             : launch<kThreads>(segment_reduce_kernel<VEC, false, T>, grid, block, stream, p);
+      vector ? launch<kThreads>(segment_reduce_kernel<E, VEC, true, T>, grid, block, stream, p)
+             : launch<kThreads>(segment_reduce_kernel<E, VEC, false, T>, grid, block, stream, p);
   if (err != cudaSuccess || pl.chunks <= 1) return err;
   return vector
-             ? launch<kThreads>(segment_combine_kernel<VEC, true, T>, grid, block, stream, p)
-             : launch<kThreads>(segment_combine_kernel<VEC, false, T>, grid, block, stream, p);
+             ? launch<kThreads>(segment_combine_kernel<E, VEC, true, T>, grid, block, stream, p)
+             : launch<kThreads>(segment_combine_kernel<E, VEC, false, T>, grid, block, stream, p);
 }
 
 }  // namespace
@@ -434,7 +440,17 @@ cudaError_t segment_reduce(const SegmentReduceArgs& a, void* workspace, cudaStre
     return cudaErrorInvalidValue;
   return detail::dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return detail::launch_reduce<T>(a, pl, workspace, stream);
+    // The runtime epilogue becomes the kernels' template parameter, here, once.
+    switch (a.epilogue) {
+      case Epilogue::kMean:
+        return detail::launch_reduce<Epilogue::kMean, T>(a, pl, workspace, stream);
+      case Epilogue::kTreeUpdate:
+        return detail::launch_reduce<Epilogue::kTreeUpdate, T>(a, pl, workspace, stream);
+      case Epilogue::kReptile:
+        return detail::launch_reduce<Epilogue::kReptile, T>(a, pl, workspace, stream);
+      default:
+        return detail::launch_reduce<Epilogue::kSum, T>(a, pl, workspace, stream);
+    }
   });
 }
 

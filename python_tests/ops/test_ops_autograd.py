@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import treepool
-from helpers import (
+from .helpers import (
     AVAILABLE_BACKENDS, BACKENDS, DEVICES, DTYPES, HALF, NATIVE, dtype_id, gen, levels,
     make_weights, max_rows_for,
 )

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import treepool
-from helpers import (
+from .helpers import (
     AVAILABLE_BACKENDS, BACKENDS, DEVICES, DTYPES, HALF, NATIVE, RATE_KINDS, WEIGHT_KINDS,
     assert_close, assert_matches_exact, assert_unchanged, clones, dtype_id, exact_broadcast,
     exact_mean, exact_reptile_update, exact_sums, exact_tree_update, gen, levels, make_rate,

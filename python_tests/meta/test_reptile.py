@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import treepool
 from treepool import Reptile, SequentialReptile, TaskTree, tree_mean_weights
 
-from meta_oracles import data, make_model, task_loss
+from .meta_oracles import data, make_model, task_loss
 
 BACKENDS = ["native", "reference"] if treepool.native_available() else ["reference"]
 

@@ -18,7 +18,8 @@ import torch
 
 import treepool
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                     "bench")
 sys.path.insert(0, BENCH)  # bench/ scripts and their modules, imported by the tests below
 import baselines  # noqa: E402
 import bench_meta  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import treepool
-from helpers import DEVICES, needs_native
+from .helpers import DEVICES, needs_native
 
 pytestmark = needs_native
 

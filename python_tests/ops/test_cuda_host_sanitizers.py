@@ -2,7 +2,7 @@
 
 kernels.h claims that no access is ever out of bounds, whatever offsets and parents
 hold (the binding skips its value checks during CUDA graph capture). This runs the
-fuzzer of python_tests/cuda_host/fuzz_main.cpp, the kernels compiled with g++ and
+fuzzer of python_tests/ops/cuda_host/fuzz_main.cpp, the kernels compiled with g++ and
 ``-fsanitize=address,undefined``: decreasing, negative, past-T and int64-extreme
 offsets and parents, exact-size buffers, aligned and misaligned, blocks in shuffled
 order. Any sanitizer report fails the test.
@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from cuda_host import host_build
+from .cuda_host import host_build
 
 pytestmark = pytest.mark.cuda_host
 

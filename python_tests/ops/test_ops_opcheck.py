@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICES, needs_native
+from .helpers import DEVICES, needs_native
 
 pytestmark = needs_native
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from treepool import MAML, TaskTree, TreeMAML
 
-from meta_oracles import rel_err
+from .meta_oracles import rel_err
 
 TOL = 1e-10
 

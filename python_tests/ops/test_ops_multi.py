@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
 import treepool
-from helpers import (BACKENDS, DTYPES, HALF, WEIGHT_KINDS, assert_matches_exact, exact_broadcast,
+from .helpers import (BACKENDS, DTYPES, HALF, WEIGHT_KINDS, assert_matches_exact, exact_broadcast,
                      exact_mean, exact_reptile_update, exact_sums, exact_tree_update, gen, levels,
                      make_weights, needs_native)
 

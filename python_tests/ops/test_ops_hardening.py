@@ -9,7 +9,7 @@ import torch
 
 import treepool
 from treepool.ops import reference
-from helpers import AVAILABLE_BACKENDS, BACKENDS, HALF, NATIVE, dtype_id, needs_native
+from .helpers import AVAILABLE_BACKENDS, BACKENDS, HALF, NATIVE, dtype_id, needs_native
 
 params = pytest.mark.parametrize
 

@@ -1,7 +1,7 @@
 """The CUDA kernels of csrc/cuda, executed on the CPU (marker ``cuda_host``).
 
 The .cu files are compiled unchanged by g++ with the host shim of
-python_tests/cuda_host (every launch runs as a loop over blocks and threads, warp
+python_tests/ops/cuda_host (every launch runs as a loop over blocks and threads, warp
 shuffles as cooperating fibers) and called through the launchers of kernels.h, as
 the CUDA bindings call them. Checked here, for every op, epilogue and dtype:
 - the result matches treepool.ops.reference (hypothesis-drawn shapes that cross chunk
@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import ctypes
 
-import helpers
+from . import helpers
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cuda_host import cases, harness, host_build
-from cuda_host.cases import OPS, REDUCE_OPS, Case
-from cuda_host.harness import Layout
+from .cuda_host import cases, harness, host_build
+from .cuda_host.cases import OPS, REDUCE_OPS, Case
+from .cuda_host.harness import Layout
 
 pytestmark = pytest.mark.cuda_host
 

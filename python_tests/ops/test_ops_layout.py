@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import treepool
-from helpers import (
+from .helpers import (
     BACKENDS, DEVICES, assert_matches_exact, assert_unchanged, clones, exact_broadcast,
     exact_mean, exact_reptile_update, exact_sums, exact_tree_update, gen, randn,
 )

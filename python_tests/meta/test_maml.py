@@ -17,7 +17,7 @@ from torch import nn
 import treepool
 from treepool import MAML, LearnedTreeMAML, SoftTree, TaskTree, TreeMAML
 
-from meta_oracles import data, make_model, rel_err, split, task_loss
+from .meta_oracles import data, make_model, rel_err, split, task_loss
 
 BACKENDS = ["native", "reference"] if treepool.native_available() else ["reference"]
 TOL = 1e-10

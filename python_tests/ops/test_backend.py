@@ -15,9 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import treepool
 from treepool.ops import backend as _backend
 from treepool.ops import reference
-from helpers import CUDA, NATIVE, needs_cuda, needs_native
+from .helpers import CUDA, NATIVE, needs_cuda, needs_native
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Makes `import treepool._C` fail in a child process, as if the extension were not built.
 BLOCK_C = textwrap.dedent("""

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import treepool
 from treepool.ops import backend as _backend
-from helpers import (
+from .helpers import (
     AVAILABLE_BACKENDS, BACKENDS, DTYPES, RATE_KINDS, WEIGHT_KINDS, assert_close,
     assert_matches_exact, dtype_id, exact_mean, exact_reptile_update, exact_sums,
     exact_tree_update, gen, levels, make_rate, make_weights, max_rows_for, needs_cuda, randn,

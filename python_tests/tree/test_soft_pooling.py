@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import treepool
 from treepool import SoftTree, TaskTree, soft_broadcast, soft_segment_mean, soft_tree_update
 
-from meta_oracles import data, make_model, rel_err, task_loss
+from ..meta.meta_oracles import data, make_model, rel_err, task_loss
 
 
 @given(T=st.integers(1, 8), C=st.integers(1, 4), P=st.integers(1, 5), seed=st.integers(0, 10_000))

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import treepool
-from helpers import BACKENDS, NATIVE, levels
+from .helpers import BACKENDS, NATIVE, levels
 
 params = pytest.mark.parametrize
 F64 = torch.float64

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import treepool
-from helpers import AVAILABLE_BACKENDS, DEVICES
+from .helpers import AVAILABLE_BACKENDS, DEVICES
 
 ALL_OPS = ["segment_sum", "segment_mean", "segment_broadcast", "tree_update", "tree_update_",
            "reptile_update", "reptile_update_"]

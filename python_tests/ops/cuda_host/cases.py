@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import helpers
+from .. import helpers
 import torch
 from hypothesis import strategies as st
 

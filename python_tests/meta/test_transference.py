@@ -10,7 +10,7 @@ import treepool
 from treepool import (TaskTree, affinity_tree, choose_gradient, itmtl_candidates, lookahead_affinity,
                       lookahead_params, pcgrad, task_gradients)
 
-from meta_oracles import data, make_model, split, task_loss
+from .meta_oracles import data, make_model, split, task_loss
 
 BACKENDS = ["native", "reference"] if treepool.native_available() else ["reference"]
 

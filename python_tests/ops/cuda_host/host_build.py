@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+ROOT = HERE.parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CACHE = ROOT / "build" / "cuda_host"
 SHIM = HERE / "cuda_host_shim.h"

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <string>
 
-#include "../../csrc/cuda/kernels.h"
+#include "../../../csrc/cuda/kernels.h"
 
 using treepool::cuda::SegmentBroadcastArgs;
 using treepool::cuda::SegmentReduceArgs;

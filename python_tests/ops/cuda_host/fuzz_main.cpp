@@ -19,7 +19,7 @@
 #include <random>
 #include <vector>
 
-#include "../../csrc/cuda/kernels.h"
+#include "../../../csrc/cuda/kernels.h"
 
 namespace {
 

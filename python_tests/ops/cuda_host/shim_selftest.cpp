@@ -3,7 +3,7 @@
 // a lane that exits while the others shuffle (which must be reported, not hang).
 #include <cstdint>
 
-#include "../../csrc/cuda/launch.cuh"
+#include "../../../csrc/cuda/launch.cuh"
 
 namespace {
 

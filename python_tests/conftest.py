@@ -1,5 +1,12 @@
 """pytest configuration of the treepool test suite.
 
+The suite is a package grouped by layer: ``ops/`` (the tensor ops, their backends and
+the CUDA kernels run on the CPU, ``ops/cuda_host``), ``tree/``, ``meta/`` (the
+learners), ``distributed/`` and ``bench/``. Shared helpers are modules of the package
+(``ops/helpers.py``, ``meta/meta_oracles.py``), imported relatively: pytest's default
+(prepend) import mode puts the first folder above them without ``__init__.py``, the
+repository root, on sys.path.
+
 Hypothesis profiles, chosen with the environment variable HYPOTHESIS_PROFILE:
 - ``ci`` (default): a modest number of examples, so that the whole suite runs in a
   few minutes on two cores;
@@ -9,14 +16,10 @@ Hypothesis profiles, chosen with the environment variable HYPOTHESIS_PROFILE:
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
-
-# The tests import their shared helpers as a plain module (python_tests/helpers.py).
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 

@@ -1,0 +1,218 @@
+"""The CUDA kernels of csrc/cuda, executed on the CPU (marker ``cuda_host``).
+
+The .cu files are compiled unchanged by g++ with the host shim of
+python_tests/ops/cuda_host (every launch runs as a loop over blocks and threads, warp
+shuffles as cooperating fibers) and called through the launchers of kernels.h, as
+the CUDA bindings call them. Checked here, for every op, epilogue and dtype:
+- the result matches treepool.ops.reference (hypothesis-drawn shapes that cross chunk
+  boundaries, empty and 90%-skewed clusters, weights with zeros, rate as float / 0-d /
+  [P], in-place updates, row strides, buffers misaligned by one element);
+- nothing is written outside the output and the workspace (guard values), and
+  every output element is written (outputs and workspace start as NaN);
+- the 16-byte vector path and the scalar path give bit-identical results;
+- the result does not depend on the order in which blocks, warps and lanes run;
+- the emulation itself: CUDA's launch limits, the shuffles, a lane that exits while
+  the others shuffle.
+
+``pytest -m cuda_host python_tests`` runs these alone. Skipped when g++ or the CUDA
+headers are missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from . import helpers
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from .cuda_host import cases, harness, host_build
+from .cuda_host.cases import OPS, REDUCE_OPS, Case
+from .cuda_host.harness import Layout
+
+pytestmark = pytest.mark.cuda_host
+
+DTYPES = helpers.DTYPES
+LAYOUTS = ["vector", "misaligned", "strided"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def host_library():
+    try:
+        harness.lib()
+    except host_build.Unavailable as exc:
+        pytest.skip(f"host build of the CUDA kernels unavailable: {exc}")
+
+
+@pytest.fixture(autouse=True)
+def forward_order():
+    harness.set_order("forward")
+    yield
+    harness.set_order("forward")
+
+
+def layout_for(kind: str, P: int, dtype: torch.dtype, pad: int) -> Layout:
+    if kind == "vector":
+        return harness.vector_layout(P, dtype)
+    if kind == "misaligned":  # one element off: the scalar path
+        return Layout(shift=1, pad=pad)
+    return Layout(shift=0, pad=pad)  # strided rows, aligned start
+
+
+def check_against_reference(case: Case, out: torch.Tensor) -> None:
+    expected = cases.run_reference(case)
+    scale, n_terms = cases.tolerance_args(case)
+    helpers.assert_close(out, expected, case.dtype, scale, n_terms, what=repr(case))
+
+
+def assert_bit_identical(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    assert a.shape == b.shape and bool(same.all()), f"{what}: results differ"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=helpers.dtype_id)
+@pytest.mark.parametrize("op", OPS)
+@given(data=st.data())
+def test_kernel_matches_reference(op, dtype, layout, data):
+    case = data.draw(cases.cases(op, dtype), label="case")
+    pad = data.draw(st.integers(0, 9), label="pad")
+    out = cases.run_kernel(case, layout_for(layout, case.P, dtype, pad))
+    check_against_reference(case, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=helpers.dtype_id)
+@pytest.mark.parametrize("op", OPS)
+@given(data=st.data())
+def test_vector_and_scalar_paths_are_bit_identical(op, dtype, data):
+    case = data.draw(cases.cases(op, dtype), label="case")
+    vector = cases.run_kernel(case, harness.vector_layout(case.P, dtype))
+    scalar = cases.run_kernel(case, Layout(shift=1, pad=data.draw(st.integers(0, 3))))
+    assert_bit_identical(vector, scalar, f"vector vs scalar path, {case!r}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=helpers.dtype_id)
+@pytest.mark.parametrize("op", OPS)
+@given(data=st.data())
+def test_result_does_not_depend_on_execution_order(op, dtype, data):
+    case = data.draw(cases.cases(op, dtype), label="case")
+    layout = harness.vector_layout(case.P, dtype)
+    forward = cases.run_kernel(case, layout)
+    harness.set_order("reverse")
+    reverse = cases.run_kernel(case, layout)
+    harness.set_order("shuffled", data.draw(st.integers(0, 2 ** 32), label="seed"))
+    shuffled = cases.run_kernel(case, layout)
+    assert_bit_identical(forward, reverse, f"forward vs reverse order, {case!r}")
+    assert_bit_identical(forward, shuffled, f"forward vs shuffled order, {case!r}")
+
+
+# One cluster of 90% of 2000 rows between small and empty ones: many chunks, and the
+# big cluster crosses many chunk boundaries.
+SKEWED = [0, 3, 1, 0, 2, 1800, 0, 5, 1, 0] + [20] * 9 + [8]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=helpers.dtype_id)
+@pytest.mark.parametrize("op", REDUCE_OPS)
+@pytest.mark.parametrize("weights", ["none", "with_zeros"])
+def test_skewed_reduction_crosses_chunks_and_runs_the_combine_kernel(op, dtype, weights):
+    case = Case(op, dtype, SKEWED, P=5, weight_kind=weights, rate_kind="vector",
+                parents=[0] * len(SKEWED), num_prev=2, seed=7)
+    before = harness.launch_count()
+    out = cases.run_kernel(case, Layout(shift=1))
+    assert harness.launch_count() - before == 2, "the combine kernel did not run"
+    check_against_reference(case, out)
+
+
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=helpers.dtype_id)
+def test_skewed_weighted_broadcast(dtype, mean):
+    op = "segment_broadcast_mean" if mean else "segment_broadcast"
+    case = Case(op, dtype, SKEWED, P=5, weight_kind="with_zeros", seed=3)
+    before = harness.launch_count()
+    out = cases.run_kernel(case, Layout(shift=0, pad=3))
+    # The weighted mean first runs cluster_inverse_weight_kernel (warp shuffles).
+    assert harness.launch_count() - before == (2 if mean else 1)
+    check_against_reference(case, out)
+
+
+# ----------------------------------------------------------------------------- the emulation
+
+
+def mark(grid, block):
+    ran = torch.zeros(grid[0] * grid[1] * block[0] * block[1], dtype=torch.int32)
+    err = harness.lib().tp_selftest_mark(ctypes.c_void_p(ran.data_ptr()), *grid, *block)
+    return err, ran
+
+
+@pytest.mark.parametrize("order", list(harness.ORDERS))
+@pytest.mark.parametrize("grid,block", [((1, 1), (1, 1)), ((3, 2), (32, 8)), ((2, 5), (33, 3)),
+                                        ((1, 1), (256, 1))])
+def test_every_thread_of_the_grid_runs_once(grid, block, order):
+    harness.set_order(order, seed=5)
+    err, ran = mark(grid, block)
+    assert err == 0, harness.take_error()
+    assert bool((ran == 1).all())
+
+
+@pytest.mark.parametrize("grid,block,message", [
+    ((1, 65536), (32, 1), "exceeds (2^31 - 1, 65535, 65535)"),
+    ((1, 1), (512, 1), "exceeds the kernel's __launch_bounds__(256)"),
+])
+def test_launch_limits_are_enforced(grid, block, message):
+    ran = torch.zeros(1, dtype=torch.int32)
+    err = harness.lib().tp_selftest_mark(ctypes.c_void_p(ran.data_ptr()), *grid, *block)
+    assert err != 0
+    assert int(ran.sum()) == 0, "a refused launch ran threads"
+    if "launch_bounds" not in message:  # that one is refused by launch.cuh, as on the device
+        assert message in harness.take_error()
+
+
+def test_block_of_more_than_1024_threads_is_refused():
+    ran = torch.zeros(2048, dtype=torch.int32)
+    err = harness.lib().tp_selftest_mark_unbounded(ctypes.c_void_p(ran.data_ptr()), 1025)
+    assert err != 0 and "at most 1024" in harness.take_error()
+
+
+@pytest.mark.parametrize("order", list(harness.ORDERS))
+def test_warp_shuffles(order):
+    harness.set_order(order, seed=11)
+    out = torch.full((32 * 4,), -1, dtype=torch.int32)
+    err = harness.lib().tp_selftest_shuffle(ctypes.c_void_p(out.data_ptr()), 32)
+    assert err == 0, harness.take_error()
+    got = out.view(32, 4)
+    lanes = torch.arange(32, dtype=torch.int32)
+    assert int(got[0, 0]) == sum(range(32))  # the shuffle-down tree's total, in lane 0
+    assert got[:, 1].tolist() == [0] + [10 * (l - 1) for l in range(1, 32)]
+    assert got[:, 2].tolist() == (10 * (lanes ^ 3)).tolist()
+    assert got[:, 3].tolist() == [50] * 32
+
+
+def test_lane_that_exits_while_others_shuffle_is_reported():
+    out = torch.zeros(32 * 4, dtype=torch.int32)
+    err = harness.lib().tp_selftest_shuffle(ctypes.c_void_p(out.data_ptr()), 16)
+    assert err != 0
+    assert "lane 16 has exited" in harness.take_error()
+    # The emulation is usable afterwards.
+    assert harness.lib().tp_selftest_shuffle(ctypes.c_void_p(out.data_ptr()), 32) == 0
+
+
+def test_every_launch_states_its_kernels_launch_bounds():
+    """launch<kBound>(kernel, ...) must name the kernel's own __launch_bounds__, since
+    that is the bound the launch checks (nvcc and the host emulation alike)."""
+    import re
+
+    bounds, launches = {}, []
+    for source in sorted(host_build.CUDA_DIR.glob("*.cu")):
+        text = source.read_text()
+        for bound, name in re.findall(
+                r"__global__\s+void\s+__launch_bounds__\((\w+)\)\s*(\w+)\s*\(", text):
+            bounds[name] = bound
+        launches += re.findall(r"launch<(\w+)>\(\s*(\w+)", text)
+    assert bounds and launches
+    for bound, name in launches:
+        assert name in bounds, f"{name} is launched but declares no __launch_bounds__"
+        assert bounds[name] == bound, (
+            f"{name}: __launch_bounds__({bounds[name]}) but launched with launch<{bound}>")
+    assert set(bounds) == {name for _, name in launches}, "a kernel is never launched"

@@ -34,8 +34,8 @@ step "build" python3 -m pip install --quiet --no-build-isolation -e ".[test]"
 step "info" python3 -m treepool info
 step "suite" python3 -m pytest python_tests -q
 sanitize=(compute-sanitizer --error-exitcode 1 --target-processes all)
-step "memcheck" "${sanitize[@]}" --tool memcheck python3 -m pytest python_tests/test_ops_cuda.py -q -x
-step "racecheck" "${sanitize[@]}" --tool racecheck python3 -m pytest python_tests/test_ops_cuda.py -q -x
+step "memcheck" "${sanitize[@]}" --tool memcheck python3 -m pytest python_tests/ops/test_ops_cuda.py -q -x
+step "racecheck" "${sanitize[@]}" --tool racecheck python3 -m pytest python_tests/ops/test_ops_cuda.py -q -x
 step "bench_ops" python3 bench/bench_ops.py --device cuda --dtypes float32,float16,bfloat16
 echo "gpu check: $([ "$status" -eq 0 ] && echo all steps ok || echo some steps FAILED); report: $report"
 exit "$status"

@@ -10,7 +10,7 @@
 // binding may skip its value checks where it cannot read them (CUDA graph capture).
 // With invalid values the results are unspecified, but memory stays safe; a fuzz of
 // invalid offsets and parents under AddressSanitizer and UBSan tests this
-// (python_tests/test_cuda_host_sanitizers.py, the kernels built for the host).
+// (python_tests/ops/test_cuda_host_sanitizers.py, the kernels built for the host).
 #pragma once
 
 #include <cuda_runtime.h>

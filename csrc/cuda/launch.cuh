@@ -2,7 +2,7 @@
 // stream, args...) enqueues `kernel` and returns the launch error.
 //
 // Under nvcc it is the `<<<grid, block, 0, stream>>>` launch. In the host build of
-// the tests (python_tests/cuda_host: the .cu files compiled by g++ with -x c++ and
+// the tests (python_tests/ops/cuda_host: the .cu files compiled by g++ with -x c++ and
 // a shim header force-included) it runs the launch on the CPU as a loop over every
 // block and thread, through treepool_host::launch of that shim. Either way the
 // kernel source is the same, so there is a single copy of every kernel.
@@ -17,7 +17,7 @@
 #include <utility>
 
 #if !defined(__CUDACC__) && !defined(TREEPOOL_HOST_SHIM)
-#error "launch.cuh: compile the .cu files with nvcc, or with g++ -x c++ and -include python_tests/cuda_host/cuda_host_shim.h"
+#error "launch.cuh: compile the .cu files with nvcc, or with g++ -x c++ and -include python_tests/ops/cuda_host/cuda_host_shim.h"
 #endif
 
 namespace treepool {

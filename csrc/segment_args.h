@@ -18,12 +18,14 @@ namespace treepool {
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // What segment_reduce writes for cluster c, from acc[c] = sum_{t in c} w_t x[t] and
-// inv[c] = W_c > 0 ? 1 / W_c : 0 with W_c = sum_{t in c} w_t (the row count unweighted).
+// m[c] = W_c > 0 ? acc[c] / W_c : 0 with W_c = sum_{t in c} w_t (the row count
+// unweighted). Both engines rescale a cluster's weights by a power of two before a
+// mean (exact) and divide by W_c, so that tiny or huge weights give a finite mean.
 enum class Epilogue : int {
   kSum = 0,         // out[c] = acc[c]
-  kMean = 1,        // out[c] = acc[c] * inv[c]
-  kTreeUpdate = 2,  // out[c] = base[parents[c]] - r * (acc[c] * inv[c])
-  kReptile = 3,     // out[c] = base[c] + r * (acc[c] * inv[c] - base[c])
+  kMean = 1,        // out[c] = m[c]
+  kTreeUpdate = 2,  // out[c] = base[parents[c]] - r * m[c]
+  kReptile = 3,     // out[c] = base[c] + r * (m[c] - base[c])
 };
 
 struct SegmentReduceArgs {
@@ -57,7 +59,7 @@ struct SegmentReduceArgs {
   int64_t rate_stride = 0;
 };
 
-// out[t] = s_t g[c(t)] with s_t = w_t (or 1), times inv[c(t)] when mean.
+// out[t] = s_t g[c(t)] with s_t = w_t (or 1), divided by W_c(t) when mean.
 struct SegmentBroadcastArgs {
   DType dtype = DType::kFloat32;
   bool mean = false;

@@ -1,6 +1,6 @@
 // CUDA kernel of segment_broadcast, the adjoint of segment_sum / segment_mean:
 //
-//   out[t, p] = s_t * g[c(t), p],  s_t = w_t (or 1), times inv_c = 1 / W_c (0 if W_c = 0)
+//   out[t, p] = s_t * g[c(t), p],  s_t = w_t (or 1), divided by W_c (0 if W_c = 0)
 //   when mean, W_c = sum_{u in c} w_u (the row count when unweighted).
 //
 // Partition: like the reductions (segment_reduce_cuda.cu), by rows. The T output rows
@@ -11,13 +11,15 @@
 // and out rows are 16-byte aligned, else scalar coalesced accesses (see
 // device_common.cuh).
 //
-// The weighted mean needs W_c first: a small kernel computes inv_c, one warp per
-// cluster (lane l adds rows l, l + 32, ... in order, then a fixed shuffle tree), into
-// a [C] scratch array. No atomics: every output is written once, in a fixed order.
+// The weighted mean needs W_c first: cluster_weights.cuh's kernel, one warp per
+// cluster, writes s_t = w'_t / W'_c into a [T] scratch array, the weights rescaled by a
+// power of two per cluster (exact) and divided, so that weights of 1e-45 or 3e38 give
+// finite scales. No atomics: every output is written once, in a fixed order.
 //
 // Robustness: offsets are clamped on every read and a thread's cluster index stays in
 // [0, C), so invalid offsets (unchecked during CUDA graph capture) give unspecified
 // values but no out-of-bounds access.
+#include "cluster_weights.cuh"
 #include "device_common.cuh"
 #include "kernels.h"
 #include "launch.cuh"
@@ -36,33 +38,13 @@ struct BroadcastParams {
   int64_t g_stride;
   const int64_t* offsets;
   const T* weights;  // nullptr: s_t = 1
-  const A* inv;      // [C] (weighted mean only), else nullptr
+  const A* scale;    // [T] s_t = w'_t / W'_c (weighted mean only), else nullptr
   T* out;
   int64_t out_stride;
   int mean;
   int64_t num_rows, P, C;  // T, P, C
   int64_t chunk_rows, chunks;  // L, J
 };
-
-constexpr int kWarps = kThreads / 32;
-
-// inv[c] = W_c > 0 ? 1 / W_c : 0, W_c = sum_{t in c} w_t; one warp per cluster.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    cluster_inverse_weight_kernel(const int64_t* __restrict__ offsets,
-                                  const T* __restrict__ weights, int64_t C, int64_t rows,
-                                  acc_t<T>* __restrict__ inv) {
-  using A = acc_t<T>;
-  const int lane = threadIdx.x % 32;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (c >= C) return;  // the whole warp leaves together
-  const int64_t b = row_at(offsets, c, rows), e = row_at(offsets, c + 1, rows);
-  A s = A(0);
-  for (int64_t t = b + lane; t < e; t += 32) s += Num<T>::to_acc(weights[t]);
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
-  if (lane == 0) inv[c] = s > A(0) ? A(1) / s : A(0);
-}
 
 template <int VEC, bool VECTOR, typename T>
 __global__ void __launch_bounds__(kThreads) segment_broadcast_kernel(const BroadcastParams<T> p) {
@@ -80,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) segment_broadcast_kernel(const Broad
   int64_t next = c + 1 < p.C ? row_at(p.offsets, c + 1, p.num_rows) : p.num_rows;
   int64_t loaded = -1;
   A gv[VEC];
-  A inv = A(1);
+  A inv_n = A(1);  // 1 / n of the unweighted mean (n >= 1, so it is finite)
   for (int64_t t = r_lo; t < r_hi; ++t) {
     while (t >= next) {  // row t is past cluster c (skips empty clusters); c < C - 1 here
       ++c;
@@ -90,18 +72,19 @@ __global__ void __launch_bounds__(kThreads) segment_broadcast_kernel(const Broad
       const Vec<T, VEC> v = load_cols(p.g + c * p.g_stride, cm);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) gv[k] = Num<T>::to_acc(v.v[k]);
-      if (p.mean) {
-        if (p.inv != nullptr) {
-          inv = p.inv[c];
-        } else {
-          const int64_t n = next - row_at(p.offsets, c, p.num_rows);
-          inv = n > 0 ? A(1) / A(n) : A(0);
-        }
+      if (p.mean && p.scale == nullptr) {
+        const int64_t n = next - row_at(p.offsets, c, p.num_rows);
+        inv_n = n > 0 ? A(1) / A(n) : A(0);
       }
       loaded = c;
     }
-    A s = p.weights != nullptr ? Num<T>::to_acc(p.weights[t]) : A(1);
-    if (p.mean) s *= inv;
+    A s;
+    if (p.scale != nullptr)
+      s = p.scale[t];
+    else if (p.weights != nullptr)
+      s = Num<T>::to_acc(p.weights[t]);
+    else
+      s = p.mean ? inv_n : A(1);
     A res[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) res[k] = s * gv[k];
@@ -113,7 +96,7 @@ Plan broadcast_plan(const SegmentBroadcastArgs& a) {
   return make_plan(a.T, a.P, elem_bytes(a.dtype), kMinBroadcastRows, /*cap_sqrt=*/false);
 }
 
-bool needs_inverse(const SegmentBroadcastArgs& a) { return a.mean && a.weights != nullptr; }
+bool needs_scale(const SegmentBroadcastArgs& a) { return a.mean && a.weights != nullptr; }
 
 // Copies the plain SegmentBroadcastArgs into the kernel's typed BroadcastParams, as
 // launch_reduce does for SegmentReduceArgs (segment_reduce_cuda.cu): the two look alike
@@ -129,7 +112,7 @@ cudaError_t launch_broadcast(const SegmentBroadcastArgs& a, const Plan& pl, void
   p.g_stride = a.g_stride;
   p.offsets = a.offsets;
   p.weights = static_cast<const T*>(a.weights);
-  p.inv = nullptr;
+  p.scale = nullptr;
   p.out = static_cast<T*>(a.out);
   p.out_stride = a.out_stride;
   p.mean = a.mean ? 1 : 0;
@@ -139,15 +122,12 @@ cudaError_t launch_broadcast(const SegmentBroadcastArgs& a, const Plan& pl, void
   p.chunk_rows = pl.rows;
   p.chunks = pl.chunks;
 
-  if (needs_inverse(a)) {
-    A* inv = static_cast<A*>(workspace);
-    const int64_t blocks = ceil_div(a.C, kWarps);
-    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (needs_scale(a)) {
+    A* scale = static_cast<A*>(workspace);
     const cudaError_t err =
-        launch<kThreads>(cluster_inverse_weight_kernel<T>, dim3(static_cast<unsigned>(blocks)),
-                         dim3(kThreads), stream, a.offsets, p.weights, a.C, a.T, inv);
+        launch_cluster_weights<true>(a.offsets, p.weights, a.C, a.T, scale, stream);
     if (err != cudaSuccess) return err;
-    p.inv = inv;
+    p.scale = scale;
   }
 
   const int eb = static_cast<int>(sizeof(T));
@@ -163,9 +143,8 @@ cudaError_t launch_broadcast(const SegmentBroadcastArgs& a, const Plan& pl, void
 }  // namespace detail
 
 size_t segment_broadcast_workspace_bytes(const SegmentBroadcastArgs& a) {
-  if (a.T <= 0 || a.P <= 0 || a.C <= 0 || !detail::needs_inverse(a)) return 0;
-  return detail::align256(static_cast<size_t>(a.C) *
-                          static_cast<size_t>(detail::acc_bytes(a.dtype)));
+  if (a.T <= 0 || a.P <= 0 || a.C <= 0 || !detail::needs_scale(a)) return 0;
+  return detail::cluster_weights_bytes(a.T, a.dtype);
 }
 
 cudaError_t segment_broadcast(const SegmentBroadcastArgs& a, void* workspace,

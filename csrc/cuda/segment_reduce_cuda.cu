@@ -2,11 +2,17 @@
 // reptile_update (and their in-place forms), one engine with four epilogues:
 //
 //   acc[c, p] = sum_{t = offsets[c]}^{offsets[c+1]-1} w_t x[t, p]    (float; double for float64)
-//   W_c       = sum_{t in c} w_t  (the row count when unweighted),  inv_c = W_c > 0 ? 1 / W_c : 0
+//   W_c       = sum_{t in c} w_t  (the row count when unweighted)
+//   m[c, p]   = acc[c, p] / W_c  (0 when W_c = 0)
 //   sum:      out[c, p] = acc[c, p]
-//   mean:     out[c, p] = acc[c, p] * inv_c
-//   tree:     out[c, p] = node[parents[c], p] - r_p * (acc[c, p] * inv_c)
-//   reptile:  out[c, p] = theta[c, p] + r_p * (acc[c, p] * inv_c - theta[c, p])
+//   mean:     out[c, p] = m[c, p]
+//   tree:     out[c, p] = node[parents[c], p] - r_p * m[c, p]
+//   reptile:  out[c, p] = theta[c, p] + r_p * (m[c, p] - theta[c, p])
+//
+// Weighted means (mean, tree, reptile) first rescale each cluster's weights by a power
+// of two (cluster_weights.cuh: exact, so m is unchanged) and divide by W_c, never
+// multiply by 1 / W_c: weights of 1e-45 or 3e38 give the finite mean they have. The
+// weighted sum takes its weights as they are.
 //
 // Work partition. The unit of work is a range of ROWS, not a cluster: the T rows are
 // cut into J chunks of L rows, chunk j = [j L, min((j+1) L, T)), and one thread owns
@@ -60,6 +66,7 @@
 // are always inside the thread's chunk. With invalid offsets (possible only when the
 // binding cannot check them, during CUDA graph capture) the output is unspecified
 // but no access is out of bounds.
+#include "cluster_weights.cuh"
 #include "device_common.cuh"
 #include "kernels.h"
 #include "launch.cuh"
@@ -80,6 +87,7 @@ struct ReduceParams {
   int64_t x_stride;
   const int64_t* offsets;
   const T* weights;  // nullptr: unweighted
+  const A* scaled;   // [T] w'_t of cluster_weights.cuh (weighted means), else nullptr
   T* out;
   int64_t out_stride;
   const T* base;  // node_params (tree) or theta (reptile); may equal out
@@ -94,6 +102,12 @@ struct ReduceParams {
   A* part;   // [2 J, padded_cols] partial sums, slot (j, s) at row 2 j + s
   A* wpart;  // [2 J] partial weight sums
 };
+
+// The weight of row r: rescaled (weighted means) or as given (weighted sum).
+template <typename T>
+__device__ __forceinline__ acc_t<T> row_weight(const ReduceParams<T>& p, int64_t r) {
+  return p.scaled != nullptr ? p.scaled[r] : Num<T>::to_acc(p.weights[r]);
+}
 
 // acc = sum_{t = r0}^{r1 - 1} w_t x[t] over the thread's columns, W = sum w_t (weighted
 // only), rows added in order.
@@ -112,7 +126,7 @@ __device__ __forceinline__ void sum_rows(const ReduceParams<T>& p, int64_t r0, i
 #pragma unroll
     for (int i = 0; i < kRowUnroll; ++i) {
       v[i] = load_cols(p.x + (r + i) * p.x_stride, cm);
-      w[i] = WEIGHTED ? Num<T>::to_acc(p.weights[r + i]) : A(1);
+      w[i] = WEIGHTED ? row_weight(p, r + i) : A(1);
     }
 #pragma unroll
     for (int i = 0; i < kRowUnroll; ++i) {
@@ -125,7 +139,7 @@ __device__ __forceinline__ void sum_rows(const ReduceParams<T>& p, int64_t r0, i
   }
   for (; r < r1; ++r) {
     const Vec<T, VEC> v = load_cols(p.x + r * p.x_stride, cm);
-    const A w = WEIGHTED ? Num<T>::to_acc(p.weights[r]) : A(1);
+    const A w = WEIGHTED ? row_weight(p, r) : A(1);
 #pragma unroll
     for (int k = 0; k < VEC; ++k)
       acc[k] = WEIGHTED ? acc[k] + w * Num<T>::to_acc(v.v[k]) : acc[k] + Num<T>::to_acc(v.v[k]);
@@ -158,7 +172,8 @@ __device__ __forceinline__ void finish(const ReduceParams<T>& p, int64_t c,
                                        const Cols<VEC, VECTOR>& cm, const acc_t<T> (&acc)[VEC],
                                        acc_t<T> W) {
   using A = acc_t<T>;
-  const A inv = W > A(0) ? A(1) / W : A(0);
+  // The cluster mean of column k: a division (see the top of this file).
+  const auto mean = [&](int k) { return W > A(0) ? acc[k] / W : A(0); };
   A res[VEC];
   switch (E) {
     default:
@@ -168,7 +183,7 @@ __device__ __forceinline__ void finish(const ReduceParams<T>& p, int64_t c,
       break;
     case Epilogue::kMean:
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) res[k] = acc[k] * inv;
+      for (int k = 0; k < VEC; ++k) res[k] = mean(k);
       break;
     case Epilogue::kTreeUpdate: {
       // The parent row, clamped into node_params (checked on the host when possible).
@@ -177,7 +192,7 @@ __device__ __forceinline__ void finish(const ReduceParams<T>& p, int64_t c,
       A r[VEC];
       load_rates(p, cm, r);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) res[k] = Num<T>::to_acc(from.v[k]) - r[k] * (acc[k] * inv);
+      for (int k = 0; k < VEC; ++k) res[k] = Num<T>::to_acc(from.v[k]) - r[k] * mean(k);
       break;
     }
     case Epilogue::kReptile: {
@@ -187,7 +202,7 @@ __device__ __forceinline__ void finish(const ReduceParams<T>& p, int64_t c,
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const A t0 = Num<T>::to_acc(th.v[k]);
-        res[k] = t0 + r[k] * (acc[k] * inv - t0);
+        res[k] = t0 + r[k] * (mean(k) - t0);
       }
       break;
     }
@@ -353,15 +368,26 @@ Plan reduce_plan(const SegmentReduceArgs& a) {
   return make_plan(a.T, a.P, eb, kMinChunkBytes / eb, /*cap_sqrt=*/true);
 }
 
-// Scratch layout: partial sums [2 J, padded_cols], then partial weights [2 J].
+// Whether the weights are rescaled per cluster first (a weighted mean or update).
+bool rescales_weights(const SegmentReduceArgs& a) {
+  return a.weights != nullptr && a.T > 0 && a.epilogue != Epilogue::kSum;
+}
+
+// Scratch layout: the rescaled weights [T] (rescales_weights only), then, when the rows
+// are cut into more than one chunk, partial sums [2 J, padded_cols] and partial
+// weights [2 J].
+size_t scaled_bytes(const SegmentReduceArgs& a) {
+  return rescales_weights(a) ? cluster_weights_bytes(a.T, a.dtype) : 0;
+}
+
 size_t partial_bytes(const SegmentReduceArgs& a, const Plan& pl) {
   return align256(static_cast<size_t>(2 * pl.chunks) * static_cast<size_t>(pl.padded_cols) *
                   static_cast<size_t>(acc_bytes(a.dtype)));
 }
 
 size_t workspace_bytes(const SegmentReduceArgs& a, const Plan& pl) {
-  if (pl.chunks <= 1) return 0;  // one chunk finishes every cluster itself
-  return partial_bytes(a, pl) +
+  if (pl.chunks <= 1) return scaled_bytes(a);  // one chunk finishes every cluster itself
+  return scaled_bytes(a) + partial_bytes(a, pl) +
          align256(static_cast<size_t>(2 * pl.chunks) * static_cast<size_t>(acc_bytes(a.dtype)));
 }
 
@@ -390,11 +416,21 @@ cudaError_t launch_reduce(const SegmentReduceArgs& a, const Plan& pl, void* work
   p.chunk_rows = pl.rows;
   p.chunks = pl.chunks;
   p.padded_cols = pl.padded_cols;
+  p.scaled = nullptr;
   p.part = nullptr;
   p.wpart = nullptr;
+  char* scratch = static_cast<char*>(workspace);
+  if (rescales_weights(a)) {
+    A* scaled = reinterpret_cast<A*>(scratch);
+    const cudaError_t err =
+        launch_cluster_weights<false>(a.offsets, p.weights, a.C, a.T, scaled, stream);
+    if (err != cudaSuccess) return err;
+    p.scaled = scaled;
+    scratch += scaled_bytes(a);
+  }
   if (pl.chunks > 1) {
-    p.part = static_cast<A*>(workspace);
-    p.wpart = reinterpret_cast<A*>(static_cast<char*>(workspace) + partial_bytes(a, pl));
+    p.part = reinterpret_cast<A*>(scratch);
+    p.wpart = reinterpret_cast<A*>(scratch + partial_bytes(a, pl));
   }
 
   const int eb = static_cast<int>(sizeof(T));

@@ -201,6 +201,10 @@ def make_weights(kind: str, level: Level, dtype, g, device="cpu") -> Optional[to
             w[o[c]:o[c + 1]] = 0
     elif kind == "all_zero":
         w = torch.zeros(T, dtype=torch.float64)
+    elif kind == "tiny":  # subnormal in the dtype: 1 / W_c overflows
+        w = w * (torch.finfo(dtype).tiny * 2.0 ** -8)
+    elif kind == "huge":  # near the dtype's largest: W_c overflows
+        w = w * (torch.finfo(dtype).max / 4)
     return w.to(dtype).to(device)
 
 
@@ -232,9 +236,17 @@ def _w64(weights, T):
     return [float(v) for v in weights.detach().double().cpu()]
 
 
-def exact_sums(x: torch.Tensor, offsets: Sequence[int], weights):
+def _normalised(w: torch.Tensor) -> torch.Tensor:
+    """One cluster's float64 weights divided by the largest (a mean does not change),
+    so that weights near the dtype's limits neither overflow nor underflow here."""
+    largest = float(w.max()) if w.numel() else 0.0
+    return w / largest if largest > 0 else w
+
+
+def exact_sums(x: torch.Tensor, offsets: Sequence[int], weights, normalise: bool = False):
     """(S [C, P], W [C], A [C, P]) in float64: S[c] = sum w_t x[t], W[c] = sum w_t,
-    A[c] = sum |w_t x[t]| (the magnitude the rounding errors scale with)."""
+    A[c] = sum |w_t x[t]| (the magnitude the rounding errors scale with). With
+    `normalise` (for means), each cluster's weights are divided by the largest first."""
     x64 = x.detach().double().cpu()
     T, P = x64.shape
     w = (torch.ones(T, dtype=torch.float64) if weights is None
@@ -246,16 +258,17 @@ def exact_sums(x: torch.Tensor, offsets: Sequence[int], weights):
     for c in range(C):
         b, e = offsets[c], offsets[c + 1]
         if e > b:
-            terms = w[b:e, None] * x64[b:e]
+            wc = _normalised(w[b:e]) if normalise else w[b:e]
+            terms = wc[:, None] * x64[b:e]
             S[c] = terms.sum(0)
             A[c] = terms.abs().sum(0)
-            W[c] = w[b:e].sum()
+            W[c] = wc.sum()
     return S, W, A
 
 
 def exact_mean(x, offsets, weights):
     """(mean [C, P], A/W [C, P]): the weighted mean, 0 for a cluster of zero weight."""
-    S, W, A = exact_sums(x, offsets, weights)
+    S, W, A = exact_sums(x, offsets, weights, normalise=True)
     M = torch.zeros_like(S)
     scale = torch.zeros_like(A)
     for c in range(len(offsets) - 1):
@@ -274,6 +287,7 @@ def exact_broadcast(g, offsets, weights, mean, num_rows):
         b, e = offsets[c], offsets[c + 1]
         s = torch.tensor(w[b:e], dtype=torch.float64)
         if mean:
+            s = _normalised(s)
             W = float(s.sum())
             s = s / W if W > 0 else torch.zeros_like(s)
         out[b:e] = s[:, None] * g64[c]

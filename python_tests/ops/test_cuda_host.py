@@ -121,7 +121,9 @@ def test_skewed_reduction_crosses_chunks_and_runs_the_combine_kernel(op, dtype, 
                 parents=[0] * len(SKEWED), num_prev=2, seed=7)
     before = harness.launch_count()
     out = cases.run_kernel(case, Layout(shift=1))
-    assert harness.launch_count() - before == 2, "the combine kernel did not run"
+    # A weighted mean or update first rescales the weights (cluster_weights_kernel).
+    rescaled = weights != "none" and op != "segment_sum"
+    assert harness.launch_count() - before == 2 + rescaled, "the combine kernel did not run"
     check_against_reference(case, out)
 
 
@@ -132,8 +134,26 @@ def test_skewed_weighted_broadcast(dtype, mean):
     case = Case(op, dtype, SKEWED, P=5, weight_kind="with_zeros", seed=3)
     before = harness.launch_count()
     out = cases.run_kernel(case, Layout(shift=0, pad=3))
-    # The weighted mean first runs cluster_inverse_weight_kernel (warp shuffles).
+    # The weighted mean first runs cluster_weights_kernel (warp shuffles).
     assert harness.launch_count() - before == (2 if mean else 1)
+    check_against_reference(case, out)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "huge", "1e-45 and 3e38"])
+@pytest.mark.parametrize("op", cases.MEAN_OPS)
+def test_extreme_weights_give_finite_means(op, kind):
+    """Weights of 1e-45 made 1 / W_c inf and weights of 3e38 made W_c inf (then NaN):
+    the kernels rescale each cluster's weights by a power of two and divide."""
+    case = Case(op, torch.float32, [3, 4, 0, 2], P=9, weight_kind="positive",
+                rate_kind="vector", seed=11)
+    if kind == "1e-45 and 3e38":  # the issue's values, side by side in one cluster
+        case.weights = torch.tensor([1e-45, 3e38, 2e-45, 1e-45, 3e38, 3e38, 1e-45, 0.0, 2e-45])
+    else:
+        case.weights = helpers.make_weights(kind, helpers.Level([3, 4, 0, 2], [0] * 4, 1),
+                                            torch.float32, helpers.gen(3))
+    assert torch.isfinite(case.weights).all()
+    out = cases.run_kernel(case, harness.vector_layout(case.P, torch.float32))
+    assert bool(torch.isfinite(out).all()), f"{case!r}: {out}"
     check_against_reference(case, out)
 
 

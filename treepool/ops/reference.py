@@ -41,8 +41,29 @@ def cluster_of_rows(offsets: Tensor, num_rows: int) -> Tensor:
 ORACLE_DTYPE = torch.float64
 
 
-def _weighted_sums(x: Tensor, offsets: Tensor, weights: Optional[Tensor]):
-    """(S, W) in float64: S[c] = sum_t w_t x[t], W[c] = sum_t w_t."""
+def _times_pow2(v: Tensor, k: Tensor) -> Tensor:
+    """v * 2^k, exact, for k in [-2100, 2100] (two steps: 2^k alone would overflow)."""
+    half = torch.div(k, 2, rounding_mode="trunc")
+    two = torch.tensor(2.0, dtype=v.dtype, device=v.device)
+    return v * torch.pow(two, half.to(v.dtype)) * torch.pow(two, (k - half).to(v.dtype))
+
+
+def rescaled_weights(w: Tensor, rows: Tensor, C: int) -> Tensor:
+    """w_t * 2^-k_c, with 2^(k_c - 1) <= the largest weight of t's cluster c < 2^k_c.
+
+    A power of two per cluster is exact and leaves every weighted mean of the cluster
+    as it is, and after it no sum of weights overflows (float64 weights of 1e308) nor
+    loses its digits (weights of 1e-320). The native kernels do the same."""
+    # The exponents are constants: no gradient flows through the choice of k_c.
+    largest = torch.zeros(C, dtype=w.dtype, device=w.device).scatter_reduce(
+        0, rows, w.detach(), "amax")
+    return _times_pow2(w, -torch.frexp(largest).exponent[rows])
+
+
+def _weighted_sums(x: Tensor, offsets: Tensor, weights: Optional[Tensor],
+                   rescale: bool = False):
+    """(S, W) in float64: S[c] = sum_t w_t x[t], W[c] = sum_t w_t; with `rescale` (for a
+    mean) the weights are rescaled first (`rescaled_weights`)."""
     acc = ORACLE_DTYPE
     T, P = x.shape
     C = offsets.numel() - 1
@@ -52,6 +73,8 @@ def _weighted_sums(x: Tensor, offsets: Tensor, weights: Optional[Tensor]):
         W = (offsets[1:] - offsets[:-1]).to(acc)
         return S, W
     w = weights.to(acc)
+    if rescale:
+        w = rescaled_weights(w, rows, C)
     S = torch.zeros(C, P, dtype=acc, device=x.device).index_add(0, rows, x.to(acc) * w[:, None])
     W = torch.zeros(C, dtype=acc, device=x.device).index_add(0, rows, w)
     return S, W
@@ -67,7 +90,7 @@ def masked_divide(S: Tensor, W: Tensor) -> Tensor:
 
 def _mean_acc(x: Tensor, offsets: Tensor, weights: Optional[Tensor]) -> Tensor:
     """Weighted cluster means in float64; a cluster of zero weight gives 0."""
-    S, W = _weighted_sums(x, offsets, weights)
+    S, W = _weighted_sums(x, offsets, weights, rescale=True)
     return masked_divide(S, W[:, None])
 
 
@@ -91,6 +114,8 @@ def _broadcast(g, offsets, weights, mean, num_rows):
     rows = cluster_of_rows(offsets, num_rows)
     w = torch.ones(num_rows, dtype=acc, device=g.device) if weights is None else weights.to(acc)
     if mean:
+        if weights is not None:
+            w = rescaled_weights(w, rows, g.shape[0])
         W = torch.zeros(g.shape[0], dtype=acc, device=g.device).index_add(0, rows, w)
         w = masked_divide(w, W[rows])
     return (g.to(acc)[rows] * w[:, None]).to(g.dtype)

@@ -25,6 +25,10 @@ OPS = ["segment_sum", "segment_mean", "segment_broadcast", "segment_broadcast_me
 REDUCE_OPS = [op for op in OPS if not op.startswith("segment_broadcast")]
 RATE_OPS = ("tree_update", "tree_update_", "reptile_update", "reptile_update_")
 WEIGHT_KINDS = ["none", "positive", "with_zeros", "zero_cluster"]
+# Weights at the ends of the dtype's range, for the ops that divide by W_c (a sum of
+# huge weights overflows by definition).
+EXTREME_WEIGHT_KINDS = ["tiny", "huge"]
+MEAN_OPS = ("segment_mean", "segment_broadcast_mean") + RATE_OPS
 RATE_KINDS = ["float", "scalar", "vector"]  # Python float, 0-d tensor, [P] tensor
 
 
@@ -92,7 +96,8 @@ def cases(draw, op: str, dtype: torch.dtype) -> Case:
     max_rows = max(8, min(400, 24000 // P))
     sizes = draw(cluster_sizes(max_rows))
     parents, num_prev = draw(helpers.parents_for(len(sizes)))
-    return Case(op, dtype, sizes, P, draw(st.sampled_from(WEIGHT_KINDS)),
+    kinds = WEIGHT_KINDS + (EXTREME_WEIGHT_KINDS if op in MEAN_OPS else [])
+    return Case(op, dtype, sizes, P, draw(st.sampled_from(kinds)),
                 draw(st.sampled_from(RATE_KINDS)), parents, num_prev,
                 draw(st.integers(0, 2 ** 31 - 1)))
 

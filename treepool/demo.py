@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from .meta import MAML, LearnedTreeMAML, Reptile, TreeMAML
 from .tree import TaskTree
@@ -223,39 +224,10 @@ def adjusted_rand_index(a: Tensor, b: Tensor) -> float:
 # ----------------------------------------------------------------------------- runner
 
 
-class _Progress:
-    def __init__(self, stream, total_steps: int):
-        self.stream = stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.total = total_steps
-        self.done = 0
-        self.start = time.perf_counter()
-        self.last = self.start
-
-    def update(self, label: str, step: int, steps: int, loss: float, force: bool = False):
-        self.done += 1
-        now = time.perf_counter()
-        if not force and now - self.last < (0.25 if self.tty else 5.0):
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / max(self.done, 1) * (self.total - self.done)
-        line = (f"[{label}] step {step}/{steps}  train query loss {loss:.4f}  "
-                f"elapsed {elapsed:5.1f}s  eta {eta:5.1f}s")
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self):
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def run_demo(cfg: DemoConfig, progress=sys.stderr) -> Dict[str, dict]:
-    """Train and evaluate every method for every seed. Returns per-method results."""
+    """Train and evaluate every method for every seed. Returns per-method results.
+
+    ``progress``: the stream of the tqdm progress bar, drawn only when it is a terminal."""
     family = HierarchicalRegression(cfg.family, device=cfg.device)
     threads = torch.get_num_threads()
     if cfg.threads is not None and not cfg.device.startswith("cuda"):
@@ -272,35 +244,38 @@ def _run(cfg: DemoConfig, family: HierarchicalRegression, progress) -> Dict[str,
     results: Dict[str, dict] = {m: {"final": [], "ms": [], "curves": [], "tree_ari": []}
                                 for m in cfg.methods}
     curve_every = max(1, cfg.steps // max(cfg.curve_points, 1))
-    bar = _Progress(progress, cfg.steps * cfg.seeds * len(cfg.methods))
-    for seed in range(cfg.seeds):
-        # the same training batches and evaluation tasks for every method of this seed
-        eval_gen = torch.Generator().manual_seed(10_000 + seed)
-        eval_batches = [family.sample(eval_gen) for _ in range(cfg.eval_batches)]
-        curve_batches = eval_batches[:max(1, cfg.eval_batches // 2)]
-        for name in cfg.methods:
-            method = _Method(name, cfg, family, seed)
-            gen = torch.Generator().manual_seed(seed)
-            curve: List[Tuple[int, float]] = [(0, method.evaluate(curve_batches))]
-            elapsed = 0.0
-            for step in range(1, cfg.steps + 1):
-                batch = family.sample(gen)
-                if cfg.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                loss = method.train_step(batch)
-                if cfg.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                elapsed += time.perf_counter() - t0
-                if step % curve_every == 0 or step == cfg.steps:
-                    curve.append((step, method.evaluate(curve_batches)))
-                bar.update(f"{name} seed {seed + 1}/{cfg.seeds}", step, cfg.steps, loss,
-                           force=step == cfg.steps)
-            results[name]["final"].append(method.evaluate(eval_batches, family))
-            results[name]["tree_ari"].extend(method.tree_ari)
-            results[name]["ms"].append(1000 * elapsed / cfg.steps)
-            results[name]["curves"].append(curve)
-    bar.close()
+    # One bar over every method x seed x meta-step. disable=None: tqdm writes nothing
+    # at all when the stream is not a terminal, so logs and pipes get no escape codes.
+    with tqdm(total=cfg.steps * cfg.seeds * len(cfg.methods), file=progress, disable=None,
+              unit="step", dynamic_ncols=True) as bar:
+        for seed in range(cfg.seeds):
+            # the same training batches and evaluation tasks for every method of this seed
+            eval_gen = torch.Generator().manual_seed(10_000 + seed)
+            eval_batches = [family.sample(eval_gen) for _ in range(cfg.eval_batches)]
+            curve_batches = eval_batches[:max(1, cfg.eval_batches // 2)]
+            for name in cfg.methods:
+                method = _Method(name, cfg, family, seed)
+                bar.set_description(f"{name} seed {seed + 1}/{cfg.seeds}", refresh=False)
+                gen = torch.Generator().manual_seed(seed)
+                curve: List[Tuple[int, float]] = [(0, method.evaluate(curve_batches))]
+                elapsed = 0.0
+                for step in range(1, cfg.steps + 1):
+                    batch = family.sample(gen)
+                    if cfg.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    loss = method.train_step(batch)
+                    if cfg.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    elapsed += time.perf_counter() - t0
+                    if step % curve_every == 0 or step == cfg.steps:
+                        curve.append((step, method.evaluate(curve_batches)))
+                    bar.set_postfix_str(f"train query loss {loss:.4f}", refresh=False)
+                    bar.update(1)
+                results[name]["final"].append(method.evaluate(eval_batches, family))
+                results[name]["tree_ari"].extend(method.tree_ari)
+                results[name]["ms"].append(1000 * elapsed / cfg.steps)
+                results[name]["curves"].append(curve)
     return results
 
 

@@ -25,16 +25,25 @@ def test_family_is_hierarchical():
     assert not torch.equal(b["query_y"], b["query_clean"])
 
 
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal, so that tqdm draws its bar into it."""
+
+    def isatty(self):
+        return True
+
+
 def test_run_demo_small():
     cfg = DemoConfig(steps=3, seeds=2, hidden=8, eval_batches=1, curve_points=1,
                      family=FamilyConfig(branching=(2, 2, 2)))
-    out = io.StringIO()
+    out = _Terminal()
     res = run_demo(cfg, progress=out)
     assert set(res) == {"MAML", "TreeMAML", "Learned TreeMAML", "Reptile"}
     for r in res.values():
         assert len(r["final"]) == 2 and all(v > 0 for v in r["final"]) and len(r["ms"]) == 2
         assert r["curves"][0][0][0] == 0 and r["curves"][0][-1][0] == 3
-    assert "step 3/3" in out.getvalue()
+    # one bar over methods x seeds x steps, ending on the last method and seed
+    last = out.getvalue().rsplit("\r", 1)[-1]
+    assert "Reptile seed 2/2" in last and "24/24" in last and "train query loss" in last
     table = format_table(res, cfg)
     assert "TreeMAML" in table and "ms / meta-step" in table
 
@@ -46,5 +55,6 @@ def test_cli_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in ("MAML", "TreeMAML", "Learned TreeMAML", "Reptile", "final query MSE", "total wall time"):
         assert name in proc.stdout
-    assert "step" in proc.stderr  # progress goes to stderr
+    # stderr is a pipe here, not a terminal: no progress bar, no escape codes
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr and "step" not in proc.stderr
     assert ("learning curves written" in proc.stdout) == (tmp_path / "curves.png").exists()

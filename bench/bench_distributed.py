@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import sharded_baseline  # noqa: E402
 
 from treepool.distributed import ShardedTree, even_split  # noqa: E402
 from treepool.tree import TaskTree  # noqa: E402
@@ -56,8 +57,11 @@ def worker(rank, world, port, args, queue):
                 prev = torch.randn(sharded.level(level - 1).count if level > 1 else 1, P,
                                    device=device)
                 for naive in (False, True):
-                    update = sharded.naive_tree_update if naive else sharded.tree_update
-                    fn = lambda: update(prev, grads, level, 0.1)  # noqa: E731
+                    if naive:
+                        fn = lambda: sharded_baseline.naive_tree_update(  # noqa: E731
+                            sharded, prev, grads, level, 0.1)
+                    else:
+                        fn = lambda: sharded.tree_update(prev, grads, level, 0.1)  # noqa: E731
                     dist.barrier()
                     t = common.median_time(fn, device, repeats=args.repeats, warmup=2)
                     gathered = [torch.zeros(1) for _ in range(world)]
@@ -65,8 +69,8 @@ def worker(rank, world, port, args, queue):
                     if rank == 0:
                         queue.put(dict(P=P, level=level, clusters=tree.num_clusters(level),
                                        method="naive all-reduce" if naive else "treepool",
-                                       bytes=sharded.bytes_communicated(level, P, grads.dtype,
-                                                                        naive=naive),
+                                       bytes=sharded_baseline.bytes_communicated(
+                                           sharded, level, P, grads.dtype, naive=naive),
                                        ms=max(float(g) for g in gathered) * 1e3))
     finally:
         dist.destroy_process_group()

@@ -244,30 +244,6 @@ class ShardedTree:
         parents = torch.arange(lv.count, device=grads.device) if same_level else lv.parents
         return _update(node_params, parents, S, W, lr, grads.dtype)
 
-    def naive_tree_update(self, node_params: Tensor, grads: Tensor, level: int, lr: Rate,
-                          weights: Optional[Tensor] = None) -> Tensor:
-        """The same update, all-reducing the sums of every cluster of the level: the
-        baseline the bench compares against (C x P communicated instead of S x P)."""
-        lv = self.level(level, grads.device)
-        full = self.tree.offsets(level, grads.device)
-        local = (full - self.row_begin).clamp(0, self.num_local_tasks)
-        acc = accumulate_dtype(grads.dtype)
-        S = ops.segment_sum(grads, local, weights).to(acc)
-        w = torch.ones(grads.shape[0], 1, dtype=acc, device=grads.device) if weights is None \
-            else weights.to(acc)[:, None]
-        W = ops.segment_sum(w, local)[:, 0]
-        total = self._all_reduce(torch.cat([S, W[:, None]], dim=1))
-        mine = slice(lv.first, lv.first + lv.count)
-        return _update(node_params, lv.parents, total[mine, :-1], total[mine, -1], lr,
-                       grads.dtype)
-
-    def bytes_communicated(self, level: int, num_params: int, dtype: torch.dtype,
-                           naive: bool = False) -> int:
-        """Bytes each rank sends into the all-reduce of one update at ``level``."""
-        rows = self.tree.num_clusters(level) if naive else int(self._levels[level].spanning.numel())
-        size = torch.empty((), dtype=accumulate_dtype(dtype)).element_size()
-        return rows * (num_params + 1) * size
-
 
 def all_reduce_mean(rows: Tensor, weights: Optional[Tensor] = None,
                     group: Optional[dist.ProcessGroup] = None) -> Tensor:

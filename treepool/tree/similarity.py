@@ -28,10 +28,7 @@ __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "gram_matrix",
     "cosine_similarity_matrix",
-    "centered_cosine_similarity",
     "cosine_from_gram",
-    "cross_cosine_similarity",
-    "cosine_distance_matrix",
 ]
 
 # Default memory budget of one chunk, in elements of the [rows, chunk] slice.
@@ -70,47 +67,35 @@ def _row_scales(x: torch.Tensor, step: int, name: str) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _chunked_products(a: torch.Tensor, b: Optional[torch.Tensor], chunk_size: Optional[int]):
-    """Products of the rows of ``a`` and ``b`` (``b=None``: a with itself), each row
-    first divided by its largest |entry| so that squares neither underflow nor
-    overflow.  Returns (dot [M, N], |a_i|^2 [M], |b_j|^2 [N], scale_a, scale_b, dtype),
-    all in float64 and for the scaled rows."""
-    p = a.shape[1]
-    rows = a.shape[0] + (0 if b is None else b.shape[0])
-    step = _resolve_chunk(chunk_size, rows, p)
-    cdt = _compute_dtype(a.dtype if b is None else torch.promote_types(a.dtype, b.dtype))
-    scale_a = _row_scales(a, step, "grads" if b is None else "a").to(cdt)
-    scale_b = scale_a if b is None else _row_scales(b, step, "b").to(cdt)
-    m = a.shape[0]
-    n = m if b is None else b.shape[0]
-    dot = torch.zeros(m, n, dtype=torch.float64, device=a.device)
-    sq_a = torch.zeros(m, dtype=torch.float64, device=a.device)
-    sq_b = sq_a if b is None else torch.zeros(n, dtype=torch.float64, device=a.device)
-    for start in range(0, p, step):
-        ca = a[:, start:start + step].to(cdt) / scale_a[:, None]
-        sq_a += (ca * ca).sum(dim=1, dtype=torch.float64)
-        if b is None:
-            dot += (ca @ ca.T).to(torch.float64)
-        else:
-            cb = b[:, start:start + step].to(cdt) / scale_b[:, None]
-            sq_b += (cb * cb).sum(dim=1, dtype=torch.float64)
-            dot += (ca @ cb.T).to(torch.float64)
-    return dot, sq_a, sq_b, scale_a.double(), scale_b.double(), cdt
+def _chunked_products(a: torch.Tensor, chunk_size: Optional[int]):
+    """Products of the rows of ``a`` [T, P] with each other, each row first divided by
+    its largest |entry| so that squares neither underflow nor overflow.  Returns
+    (dot [T, T], |a_i|^2 [T], scale [T], dtype), dot and squares in float64 and for the
+    scaled rows."""
+    step = _resolve_chunk(chunk_size, a.shape[0], a.shape[1])
+    cdt = _compute_dtype(a.dtype)
+    scale = _row_scales(a, step, "grads").to(cdt)
+    dot = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device)
+    sq = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], step):
+        ca = a[:, start:start + step].to(cdt) / scale[:, None]
+        sq += (ca * ca).sum(dim=1, dtype=torch.float64)
+        dot += (ca @ ca.T).to(torch.float64)
+    return dot, sq, scale.double(), cdt
 
 
 def gram_matrix(grads: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """Gram matrix ``grads @ grads.T`` of a [T, P] buffer, accumulated in float64 over chunks of P."""
     _check_matrix(grads, "grads")
-    dot, _, _, scale, _, _ = _chunked_products(grads.detach(), None, chunk_size)
+    dot, _, scale, _ = _chunked_products(grads.detach(), chunk_size)
     gram = (dot + dot.T) / 2
     return gram * (scale[:, None] * scale[None, :])
 
 
-def _normalise(dot, sq_a, sq_b):
-    inv_a = torch.where(sq_a > 0, sq_a.rsqrt(), torch.zeros_like(sq_a))
-    inv_b = torch.where(sq_b > 0, sq_b.rsqrt(), torch.zeros_like(sq_b))
+def _normalise(dot, sq):
+    inv = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
     # outer product first, so that a symmetric dot gives an exactly symmetric result
-    return (dot * (inv_a[:, None] * inv_b[None, :])).clamp_(-1.0, 1.0)
+    return (dot * (inv[:, None] * inv[None, :])).clamp_(-1.0, 1.0)
 
 
 def cosine_similarity_matrix(grads: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
@@ -130,40 +115,32 @@ def cosine_similarity_matrix(grads: torch.Tensor, chunk_size: Optional[int] = No
         ValueError if ``grads`` is not 2-D or contains inf/NaN.
     """
     _check_matrix(grads, "grads")
-    dot, sq, _, _, _, cdt = _chunked_products(grads.detach(), None, chunk_size)
+    dot, sq, _, cdt = _chunked_products(grads.detach(), chunk_size)
     dot = (dot + dot.T) / 2
-    sim = _normalise(dot, sq, sq)
+    sim = _normalise(dot, sq)
     sim.fill_diagonal_(1.0)
     return sim.to(cdt)
-
-
-def centered_cosine_similarity(grads: torch.Tensor, groups: Optional[torch.Tensor] = None,
-                               chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Cosine similarity of the rows after subtracting their group's mean row.
-
-    ``S[i, j] = cos(g_i - m_{c(i)}, g_j - m_{c(j)})`` with ``m_c`` the mean of the
-    rows of group c (``groups`` [T] labels; ``None``: one group).  What all tasks of
-    a group share (at the root: the part of the gradient that every task of the
-    batch has in common) says nothing about how the group splits; removing it
-    leaves the differences between the tasks.  Computed from the float64 Gram
-    matrix (:func:`gram_matrix`, chunked over P), so no centered [T, P] copy is
-    made.  Returns [T, T] float64 on ``grads.device`` with a unit diagonal; a row
-    equal to its group's mean (e.g. a group of one) has similarity 0 with the others.
-    Similarities across groups are those of the centered rows too.
-    """
-    return cosine_from_gram(gram_matrix(grads, chunk_size), groups)
 
 
 def cosine_from_gram(gram: torch.Tensor, groups: Optional[torch.Tensor] = None,
                      center: bool = True) -> torch.Tensor:
     """[T, T] cosine similarity of rows whose Gram matrix is ``gram`` [T, T], after
-    subtracting their group's mean row when ``center`` (see
-    :func:`centered_cosine_similarity`).  Float64, unit diagonal."""
+    subtracting their group's mean row when ``center``.
+
+    With ``center``: ``S[i, j] = cos(g_i - m_{c(i)}, g_j - m_{c(j)})`` with ``m_c`` the
+    mean of the rows of group c (``groups`` [T] labels; ``None``: one group).  What all
+    tasks of a group share (at the root: the part of the gradient that every task of
+    the batch has in common) says nothing about how the group splits; removing it
+    leaves the differences between the tasks.  Computed from the Gram matrix (for a
+    [T, P] buffer G: ``cosine_from_gram(gram_matrix(G), groups)``, chunked over P), so
+    no centered [T, P] copy is made.  A row equal to its group's mean (e.g. a group of
+    one) has similarity 0 with the others.  Similarities across groups are those of
+    the centered rows too.  Returns float64 with a unit diagonal."""
     gram = gram.double()
     T = gram.shape[0]
     if not center:
         sq = gram.diagonal().clamp_min(0.0)
-        sim = _normalise((gram + gram.T) / 2, sq, sq)
+        sim = _normalise((gram + gram.T) / 2, sq)
         sim.fill_diagonal_(1.0)
         return sim
     if groups is None:
@@ -185,33 +162,6 @@ def cosine_from_gram(gram: torch.Tensor, groups: Optional[torch.Tensor] = None,
     # a row that is (numerically) its group's mean has no direction of its own
     tiny = sq <= 1e-12 * gram.diagonal().clamp_min(1e-300)
     sq = torch.where(tiny, torch.zeros_like(sq), sq)
-    sim = _normalise(kc, sq, sq)
+    sim = _normalise(kc, sq)
     sim.fill_diagonal_(1.0)
     return sim
-
-
-def cross_cosine_similarity(a: torch.Tensor, b: torch.Tensor,
-                            chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Cosine similarity between the rows of ``a`` [M, P] and ``b`` [N, P] -> [M, N].
-
-    Same chunking and precision as :func:`cosine_similarity_matrix`; a zero row
-    has similarity 0 with everything (there is no diagonal here).
-    """
-    _check_matrix(a, "a")
-    _check_matrix(b, "b")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b must have the same number of columns, got {a.shape[1]} and {b.shape[1]}")
-    if a.device != b.device:
-        raise ValueError(f"a and b must be on the same device, got {a.device} and {b.device}")
-    dot, sq_a, sq_b, _, _, cdt = _chunked_products(a.detach(), b.detach(), chunk_size)
-    return _normalise(dot, sq_a, sq_b).to(cdt)
-
-
-def cosine_distance_matrix(grads: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Cosine distance ``D = 1 - S`` with ``S`` from :func:`cosine_similarity_matrix`.
-
-    Entries lie in [0, 2] and the diagonal is exactly 0.
-    """
-    dist = 1.0 - cosine_similarity_matrix(grads, chunk_size)
-    dist.fill_diagonal_(0.0)
-    return dist.clamp_(0.0, 2.0)

@@ -10,7 +10,7 @@
 //   3. allocates the outputs (or takes the in-place ones) and fills one torch-free
 //      argument struct (csrc/segment_args.h) per tensor of the list.
 // The engine then runs the structs: the CPU engine all tensors in one parallel region
-// (csrc/cpu), the CUDA engine one launch per tensor (csrc/cuda/bindings_cuda.cpp).
+// (csrc/cpu), the CUDA engine one launch per 16 tensors (csrc/cuda/bindings_cuda.cpp).
 // `register_ops<Engine>` registers all fourteen ops of a backend over its engine.
 #pragma once
 

@@ -4,9 +4,9 @@
 // makes the tensors' device current, allocates the scratch with the caching allocator
 // and enqueues the kernels on the device's current stream.
 //
-// The multi-tensor forms (`<op>_multi`, Tensor[]) are checked once as a whole and then
-// run one launch per tensor of the list, not yet one launch over a table of pointers
-// (that needs a launcher in the .cu files).
+// The multi-tensor forms (`<op>_multi`, Tensor[]) are checked once as a whole and run
+// as one launch per 16 tensors of the list (a table of pointers and sizes; kernels.h),
+// with one scratch buffer for the whole list.
 //
 // Value checks (offsets, parents, weights) read the index tensors on the host: they
 // are copied to the CPU first, which synchronises with the stream. While the stream is
@@ -54,25 +54,22 @@ struct CudaEngine {
   }
 
   void reduce(const ReduceCall& call) {
-    for (size_t i = 0; i < call.args.size(); ++i) {
-      const SegmentReduceArgs& a = call.args[i];
-      const Tensor work = scratch(segment_reduce_workspace_bytes(a), call.outs[i]);
-      C10_CUDA_CHECK(segment_reduce(a, data_or_null(work), stream));
-    }
+    const int64_t n = static_cast<int64_t>(call.args.size());
+    if (n == 0) return;
+    const Tensor work = scratch(segment_reduce_workspace_bytes(call.args.data(), n), call.outs[0]);
+    C10_CUDA_CHECK(segment_reduce(call.args.data(), n, data_or_null(work), stream));
   }
 
   void broadcast(const BroadcastCall& call) {
-    for (size_t i = 0; i < call.args.size(); ++i) {
-      const SegmentBroadcastArgs& a = call.args[i];
-      Tensor out = call.outs[i];
-      if (out.numel() == 0) continue;
-      if (a.C == 0) {  // rows without a cluster: only unchecked (captured) input
-        out.zero_();
-        continue;
-      }
-      const Tensor work = scratch(segment_broadcast_workspace_bytes(a), out);
-      C10_CUDA_CHECK(segment_broadcast(a, data_or_null(work), stream));
+    const int64_t n = static_cast<int64_t>(call.args.size());
+    if (n == 0) return;
+    if (call.args[0].C == 0) {  // rows without a cluster: only unchecked (captured) input
+      for (const Tensor& out : call.outs) out.zero_();
+      return;
     }
+    const Tensor work =
+        scratch(segment_broadcast_workspace_bytes(call.args.data(), n), call.outs[0]);
+    C10_CUDA_CHECK(segment_broadcast(call.args.data(), n, data_or_null(work), stream));
   }
 };
 

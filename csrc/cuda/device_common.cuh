@@ -69,8 +69,8 @@ struct alignas(sizeof(T) * N) Vec {
 
 constexpr int kThreads = 256;  // threads per block: blockDim.x * blockDim.y
 
-// A block's x dimension covers a tile of blockDim.x * VEC columns; each thread owns
-// VEC of them. VECTOR: VEC adjacent columns, read with one 16-byte access. Otherwise
+// A block covers a tile of blockDim.x * VEC columns of one tensor (tile `tile` of its
+// row); each thread owns VEC of them. VECTOR: VEC adjacent columns, read with one 16-byte access. Otherwise
 // (misaligned rows) columns first + k * blockDim.x, read one by one: every access is
 // still coalesced across the warp and each thread keeps VEC loads in flight.
 template <int VEC, bool VECTOR>
@@ -86,9 +86,9 @@ struct Cols {
 };
 
 template <int VEC, bool VECTOR>
-__device__ __forceinline__ Cols<VEC, VECTOR> thread_cols(int64_t P) {
+__device__ __forceinline__ Cols<VEC, VECTOR> thread_cols(int64_t P, int64_t tile) {
   Cols<VEC, VECTOR> cm;
-  const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * blockDim.x * VEC;
+  const int64_t tile0 = tile * blockDim.x * VEC;
   if (VECTOR) {
     cm.first = tile0 + static_cast<int64_t>(threadIdx.x) * VEC;
     cm.step = 1;
@@ -134,6 +134,28 @@ __device__ __forceinline__ void store_cols(T* row, const Cols<VEC, VECTOR>& cm,
     for (int k = 0; k < VEC; ++k)
       if (k < cm.n) row[cm.at(k)] = Num<T>::from_acc(vals[k]);
   }
+}
+
+// --- the tensors of one launch ------------------------------------------------------
+
+// A multi-tensor op launches once per kMaxTensors tensors: their table is a kernel
+// parameter (well under CUDA's 4 KB), as torch's _foreach kernels do.
+constexpr int64_t kMaxTensors = kMaxTensorsPerLaunch;
+
+// A list of n tensors runs as launches of tensors [i0, group_end(i0, n)), i0 = 0,
+// kMaxTensors, 2 kMaxTensors, ...
+inline int64_t group_end(int64_t i0, int64_t n) {
+  return i0 + kMaxTensors < n ? i0 + kMaxTensors : n;
+}
+
+// The tensor that grid tile `tile` belongs to: the last k with tensors[k].tile0 <= tile
+// (the table holds only tensors with columns).
+template <typename Tensor>
+__device__ __forceinline__ int tensor_of_tile(const Tensor* tensors, int n, int64_t tile) {
+  int k = 0;
+  for (int i = 1; i < n; ++i)
+    if (tensors[i].tile0 <= tile) k = i;
+  return k;
 }
 
 // --- index helpers -----------------------------------------------------------------
@@ -186,18 +208,22 @@ inline int64_t ceil_sqrt(int64_t n) {
   return s;
 }
 
-// How a [T, P] row space is cut: blocks of bx * by threads; bx threads (VEC columns
-// each) cover a column tile, gridDim.x = tiles of them; the by threads of a column
-// are independent row chunks. Rows are cut into `chunks` chunks of `rows` rows
-// (the last one shorter), chunk j = [j * rows, min((j + 1) * rows, T)). The plan
-// depends on T, P and the element size only, never on the device or on timing.
+// How the row spaces [T, P_i] of n tensors (the list of a multi-tensor op; n = 1 for
+// one tensor) are cut for one launch: blocks of bx * by threads; bx threads (VEC
+// columns each) cover a column tile of one tensor, tensor i has tiles_of(P_i) tiles
+// and gridDim.x = `tiles`, their sum; the by threads of a column are independent row
+// chunks. Rows are cut into `chunks` chunks of `rows` rows (the last one shorter),
+// chunk j = [j * rows, min((j + 1) * rows, T)). The plan depends on T, the P_i and the
+// element size only, never on the device or on timing.
 struct Plan {
   int vec = 1;
   int bx = 32, by = 1;
-  int64_t tiles = 0;        // gridDim.x
+  int64_t tiles = 0;        // gridDim.x: the tiles of every tensor
   int64_t chunks = 1;       // J
   int64_t rows = 1;         // L
-  int64_t padded_cols = 0;  // tiles * bx * vec >= P
+  int64_t padded_cols = 0;  // tiles * bx * vec >= sum_i P_i
+
+  int64_t tiles_of(int64_t P) const { return ceil_div(ceil_div(P, vec), bx); }
 
   dim3 grid() const {
     return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(chunks, by)), 1);
@@ -208,17 +234,22 @@ struct Plan {
   }
 };
 
-// Chunks are added until the grid has about kTargetThreads threads, but no chunk has
-// fewer than min_rows rows, and with cap_sqrt no more chunks than rows per chunk.
-inline Plan make_plan(int64_t T, int64_t P, int elem_bytes, int64_t min_rows, bool cap_sqrt) {
+// bx covers the widest row (a multiple of 32, at most kThreads). Chunks are added
+// until the grid has about kTargetThreads threads, but no chunk has fewer than
+// min_rows rows, and with cap_sqrt no more chunks than rows per chunk.
+inline Plan make_plan(int64_t T, const int64_t* P, int64_t n, int elem_bytes, int64_t min_rows,
+                      bool cap_sqrt) {
   Plan pl;
   pl.vec = 16 / elem_bytes;
-  const int64_t nvec = ceil_div(P, pl.vec);  // threads across a row
+  int64_t widest = 0;
+  for (int64_t i = 0; i < n; ++i) widest = P[i] > widest ? P[i] : widest;
+  const int64_t nvec = ceil_div(widest, pl.vec);  // threads across the widest row
   const int64_t bx = nvec >= kThreads ? kThreads : ceil_div(nvec, 32) * 32;
-  pl.bx = static_cast<int>(bx);
-  pl.by = static_cast<int>(kThreads / bx);
-  pl.tiles = ceil_div(nvec, bx);
-  pl.padded_cols = pl.tiles * bx * pl.vec;
+  pl.bx = static_cast<int>(bx > 0 ? bx : 32);
+  pl.by = static_cast<int>(kThreads / pl.bx);
+  pl.tiles = 0;
+  for (int64_t i = 0; i < n; ++i) pl.tiles += pl.tiles_of(P[i]);
+  pl.padded_cols = pl.tiles * pl.bx * pl.vec;
   int64_t cap = T / min_rows;
   if (cap_sqrt) {
     const int64_t s = ceil_sqrt(T);
@@ -226,7 +257,7 @@ inline Plan make_plan(int64_t T, int64_t P, int elem_bytes, int64_t min_rows, bo
   }
   if (cap > kMaxGridY * pl.by) cap = kMaxGridY * pl.by;
   if (cap < 1) cap = 1;
-  int64_t want = ceil_div(kTargetThreads, pl.tiles * bx);
+  const int64_t want = pl.tiles > 0 ? ceil_div(kTargetThreads, pl.tiles * pl.bx) : 1;
   const int64_t J = clamp_to<int64_t>(want, 1, cap);
   pl.rows = T > 0 ? ceil_div(T, J) : 1;
   pl.chunks = T > 0 ? ceil_div(T, pl.rows) : 1;

@@ -16,6 +16,9 @@
 // power of two per cluster (exact) and divided, so that weights of 1e-45 or 3e38 give
 // finite scales. No atomics: every output is written once, in a fixed order.
 //
+// A list of tensors (multi-tensor ops) runs as one launch per 16 tensors over a table
+// in the kernel parameter, as the reductions do (segment_reduce_cuda.cu).
+//
 // Robustness: offsets are clamped on every read and a thread's cluster index stays in
 // [0, C), so invalid offsets (unchecked during CUDA graph capture) give unspecified
 // values but no out-of-bounds access.
@@ -31,27 +34,46 @@ namespace {
 
 constexpr int64_t kMinBroadcastRows = 4;  // rows per chunk, at least (one search each)
 
+// What the tensors of one launch share.
 template <typename T>
 struct BroadcastParams {
   using A = acc_t<T>;
-  const T* g;
-  int64_t g_stride;
   const int64_t* offsets;
   const T* weights;  // nullptr: s_t = 1
   const A* scale;    // [T] s_t = w'_t / W'_c (weighted mean only), else nullptr
-  T* out;
-  int64_t out_stride;
   int mean;
-  int64_t num_rows, P, C;  // T, P, C
+  int64_t num_rows, C;  // T, C
   int64_t chunk_rows, chunks;  // L, J
 };
 
+// One tensor of a launch (one [C, P] -> [T, P] buffer pair of a multi-tensor op).
+template <typename T>
+struct BroadcastTensor {
+  const T* g;
+  int64_t g_stride;
+  T* out;
+  int64_t out_stride;
+  int64_t P;
+  int64_t tile0;  // its first tile in the grid's x dimension
+};
+
+// The kernel's parameter: the shared part and a table of up to kMaxTensors tensors.
+template <typename T>
+struct BroadcastLaunch {
+  BroadcastParams<T> p;
+  int num_tensors;
+  BroadcastTensor<T> tensors[kMaxTensors];
+};
+
 template <int VEC, bool VECTOR, typename T>
-__global__ void __launch_bounds__(kThreads) segment_broadcast_kernel(const BroadcastParams<T> p) {
+__global__ void __launch_bounds__(kThreads)
+    segment_broadcast_kernel(const BroadcastLaunch<T> L) {
   using A = acc_t<T>;
+  const BroadcastParams<T>& p = L.p;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
   if (j >= p.chunks) return;
-  const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(p.P);
+  const BroadcastTensor<T>& bt = L.tensors[tensor_of_tile(L.tensors, L.num_tensors, blockIdx.x)];
+  const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(bt.P, blockIdx.x - bt.tile0);
   if (cm.n == 0) return;
   const int64_t r_lo = j * p.chunk_rows;
   const int64_t r_hi = chunk_end(j, p.chunk_rows, p.chunks, p.num_rows);
@@ -69,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) segment_broadcast_kernel(const Broad
       next = c + 1 < p.C ? row_at(p.offsets, c + 1, p.num_rows) : p.num_rows;
     }
     if (c != loaded) {
-      const Vec<T, VEC> v = load_cols(p.g + c * p.g_stride, cm);
+      const Vec<T, VEC> v = load_cols(bt.g + c * bt.g_stride, cm);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) gv[k] = Num<T>::to_acc(v.v[k]);
       if (p.mean && p.scale == nullptr) {
@@ -88,78 +110,118 @@ __global__ void __launch_bounds__(kThreads) segment_broadcast_kernel(const Broad
     A res[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) res[k] = s * gv[k];
-    store_cols(p.out + t * p.out_stride, cm, res);
+    store_cols(bt.out + t * bt.out_stride, cm, res);
   }
 }
 
-Plan broadcast_plan(const SegmentBroadcastArgs& a) {
-  return make_plan(a.T, a.P, elem_bytes(a.dtype), kMinBroadcastRows, /*cap_sqrt=*/false);
+// The plan of one launch: tensors [i0, i1) of the list.
+Plan broadcast_plan(const SegmentBroadcastArgs* as, int64_t i0, int64_t i1) {
+  int64_t P[kMaxTensors];
+  for (int64_t i = i0; i < i1; ++i) P[i - i0] = as[i].P;
+  return make_plan(as[0].T, P, i1 - i0, elem_bytes(as[0].dtype), kMinBroadcastRows,
+                   /*cap_sqrt=*/false);
 }
 
 bool needs_scale(const SegmentBroadcastArgs& a) { return a.mean && a.weights != nullptr; }
 
-// Copies the plain SegmentBroadcastArgs into the kernel's typed BroadcastParams, as
+// Copies the plain SegmentBroadcastArgs into the kernel's typed BroadcastLaunch, as
 // launch_reduce does for SegmentReduceArgs (segment_reduce_cuda.cu): the two look alike
-// (`duplicates` pairs them) but fill different structs field by field; a shared
-// helper would need the two param structs to share members they do not have.
+// but fill different structs field by field; a shared helper would need the two
+// param structs to share members they do not have.
 template <typename T>
-cudaError_t launch_broadcast(const SegmentBroadcastArgs& a, const Plan& pl, void* workspace,
+cudaError_t launch_broadcast(const SegmentBroadcastArgs* as, int64_t n, void* workspace,
                              cudaStream_t stream) {
   using A = acc_t<T>;
   constexpr int VEC = 16 / sizeof(T);
-  BroadcastParams<T> p;
-  p.g = static_cast<const T*>(a.g);
-  p.g_stride = a.g_stride;
-  p.offsets = a.offsets;
-  p.weights = static_cast<const T*>(a.weights);
+  const SegmentBroadcastArgs& a0 = as[0];
+  BroadcastLaunch<T> L;
+  BroadcastParams<T>& p = L.p;
+  p.offsets = a0.offsets;
+  p.weights = static_cast<const T*>(a0.weights);
   p.scale = nullptr;
-  p.out = static_cast<T*>(a.out);
-  p.out_stride = a.out_stride;
-  p.mean = a.mean ? 1 : 0;
-  p.num_rows = a.T;
-  p.P = a.P;
-  p.C = a.C;
-  p.chunk_rows = pl.rows;
-  p.chunks = pl.chunks;
-
-  if (needs_scale(a)) {
+  p.mean = a0.mean ? 1 : 0;
+  p.num_rows = a0.T;
+  p.C = a0.C;
+  if (needs_scale(a0)) {
     A* scale = static_cast<A*>(workspace);
     const cudaError_t err =
-        launch_cluster_weights<true>(a.offsets, p.weights, a.C, a.T, scale, stream);
+        launch_cluster_weights<true>(a0.offsets, p.weights, a0.C, a0.T, scale, stream);
     if (err != cudaSuccess) return err;
     p.scale = scale;
   }
-
   const int eb = static_cast<int>(sizeof(T));
-  const bool vector =
-      rows_aligned(a.g, a.g_stride, a.C, eb) && rows_aligned(a.out, a.out_stride, a.T, eb);
-  return vector ? launch<kThreads>(segment_broadcast_kernel<VEC, true, T>, pl.grid(),
-                                   pl.block(), stream, p)
-                : launch<kThreads>(segment_broadcast_kernel<VEC, false, T>, pl.grid(),
-                                   pl.block(), stream, p);
+  for (int64_t i0 = 0; i0 < n; i0 += kMaxTensors) {
+    const int64_t i1 = group_end(i0, n);
+    const Plan pl = broadcast_plan(as, i0, i1);
+    if (pl.tiles == 0) continue;  // every tensor of the group has P = 0
+    p.chunk_rows = pl.rows;
+    p.chunks = pl.chunks;
+    L.num_tensors = 0;
+    bool vector = true;
+    int64_t tile = 0;
+    for (int64_t i = i0; i < i1; ++i) {  // the tensors with columns
+      const SegmentBroadcastArgs& a = as[i];
+      if (a.P == 0) continue;
+      BroadcastTensor<T>& bt = L.tensors[L.num_tensors++];
+      bt.g = static_cast<const T*>(a.g);
+      bt.g_stride = a.g_stride;
+      bt.out = static_cast<T*>(a.out);
+      bt.out_stride = a.out_stride;
+      bt.P = a.P;
+      bt.tile0 = tile;
+      tile += pl.tiles_of(a.P);
+      vector = vector && rows_aligned(a.g, a.g_stride, a.C, eb) &&
+               rows_aligned(a.out, a.out_stride, a.T, eb);
+    }
+    const cudaError_t err =
+        vector ? launch<kThreads>(segment_broadcast_kernel<VEC, true, T>, pl.grid(), pl.block(),
+                                  stream, L)
+               : launch<kThreads>(segment_broadcast_kernel<VEC, false, T>, pl.grid(),
+                                  pl.block(), stream, L);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// Whether the list can run: the shared fields equal, the pointers present.
+bool valid_list(const SegmentBroadcastArgs* as, int64_t n) {
+  const SegmentBroadcastArgs& a0 = as[0];
+  if (a0.offsets == nullptr) return false;
+  for (int64_t i = 0; i < n; ++i) {
+    const SegmentBroadcastArgs& a = as[i];
+    if (a.dtype != a0.dtype || a.mean != a0.mean || a.T != a0.T || a.C != a0.C ||
+        a.offsets != a0.offsets || a.weights != a0.weights || a.P < 0)
+      return false;
+    if (a.P > 0 && (a.g == nullptr || a.out == nullptr)) return false;
+  }
+  return true;
 }
 
 }  // namespace
 }  // namespace detail
 
-size_t segment_broadcast_workspace_bytes(const SegmentBroadcastArgs& a) {
-  if (a.T <= 0 || a.P <= 0 || a.C <= 0 || !detail::needs_scale(a)) return 0;
-  return detail::cluster_weights_bytes(a.T, a.dtype);
+size_t segment_broadcast_workspace_bytes(const SegmentBroadcastArgs* as, int64_t n) {
+  if (n <= 0 || as[0].T <= 0 || as[0].C <= 0 || !detail::needs_scale(as[0])) return 0;
+  return detail::cluster_weights_bytes(as[0].T, as[0].dtype);
 }
 
-cudaError_t segment_broadcast(const SegmentBroadcastArgs& a, void* workspace,
+cudaError_t segment_broadcast(const SegmentBroadcastArgs* as, int64_t n, void* workspace,
                               cudaStream_t stream) {
-  if (a.T < 0 || a.P < 0 || a.C < 0) return cudaErrorInvalidValue;
-  if (a.T == 0 || a.P == 0 || a.C == 0) return cudaSuccess;  // nothing to write from
-  if (a.g == nullptr || a.offsets == nullptr || a.out == nullptr) return cudaErrorInvalidValue;
-  if (segment_broadcast_workspace_bytes(a) > 0 &&
+  if (n < 0 || (n > 0 && as == nullptr)) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  if (as[0].T < 0 || as[0].C < 0) return cudaErrorInvalidValue;
+  if (as[0].T == 0 || as[0].C == 0) return cudaSuccess;  // nothing to write from
+  if (!detail::valid_list(as, n)) return cudaErrorInvalidValue;
+  for (int64_t i0 = 0; i0 < n; i0 += detail::kMaxTensors) {
+    const detail::Plan pl = detail::broadcast_plan(as, i0, detail::group_end(i0, n));
+    if (pl.tiles > 0 && !pl.fits()) return cudaErrorInvalidConfiguration;
+  }
+  if (segment_broadcast_workspace_bytes(as, n) > 0 &&
       (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 256 != 0))
     return cudaErrorInvalidValue;
-  const detail::Plan pl = detail::broadcast_plan(a);
-  if (!pl.fits()) return cudaErrorInvalidConfiguration;
-  return detail::dispatch_dtype(a.dtype, [&](auto tag) {
+  return detail::dispatch_dtype(as[0].dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return detail::launch_broadcast<T>(a, pl, workspace, stream);
+    return detail::launch_broadcast<T>(as, n, workspace, stream);
   });
 }
 

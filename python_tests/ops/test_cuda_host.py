@@ -157,6 +157,76 @@ def test_extreme_weights_give_finite_means(op, kind):
     check_against_reference(case, out)
 
 
+# ------------------------------------------------------- multi-tensor ops: one launch per 16
+
+
+TENSORS_PER_LAUNCH = 16  # kMaxTensorsPerLaunch of csrc/cuda/kernels.h
+
+
+@st.composite
+def tensor_widths(draw) -> list:
+    """The widths of a model's parameters: 1 to 20 tensors (more than one launch's 16),
+    narrow and wide ones, some of no columns."""
+    return draw(st.lists(st.one_of(st.integers(0, 40), st.integers(1, 40),
+                                   st.sampled_from([127, 129, 513])), min_size=1, max_size=20))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=helpers.dtype_id)
+@pytest.mark.parametrize("op", OPS)
+@given(data=st.data())
+def test_multi_tensor_launch_matches_reference(op, dtype, data):
+    """A list of tensors (the `*_multi` ops) runs as one launch per 16 tensors over a
+    table of pointers; each tensor's result is the op's, the vector and the scalar
+    paths agree bit for bit, and no buffer is written outside."""
+    Ps = data.draw(tensor_widths(), label="widths")
+    sizes = data.draw(cases.cluster_sizes(max(8, min(300, 12000 // max(max(Ps), 1)))),
+                      label="sizes")
+    parents, num_prev = data.draw(helpers.parents_for(len(sizes)), label="parents")
+    kinds = cases.WEIGHT_KINDS + (cases.EXTREME_WEIGHT_KINDS if op in cases.MEAN_OPS else [])
+    cs = cases.list_cases(op, dtype, sizes, Ps, data.draw(st.sampled_from(kinds)),
+                          data.draw(st.sampled_from(cases.RATE_KINDS)), parents, num_prev,
+                          data.draw(st.integers(0, 2 ** 31 - 1), label="seed"))
+    vector = cases.run_kernels(cs, Layout(shift=0, pad=8 * (-max(Ps)) % 8 + 8))
+    scalar = cases.run_kernels(cs, Layout(shift=1, pad=data.draw(st.integers(0, 3))))
+    for case, got_v, got_s in zip(cs, vector, scalar):
+        check_against_reference(case, got_v)
+        assert_bit_identical(got_v, got_s, f"vector vs scalar path, {case!r}")
+
+
+@pytest.mark.parametrize("op", REDUCE_OPS + ["segment_broadcast_mean"])
+def test_twenty_tensors_take_two_launches(op):
+    """20 tensors of a skewed tree: two launches of the reduction (16 + 4 tensors), each
+    with its combine pass, after one rescaling of the weights (not one per tensor)."""
+    Ps = [5, 1, 0, 40, 3, 129, 7, 2, 9, 33, 1, 4, 6, 8, 10, 12, 14, 16, 0, 18]
+    cs = cases.list_cases(op, torch.float32, SKEWED, Ps, weight_kind="with_zeros",
+                          rate_kind="vector", parents=[0] * len(SKEWED), num_prev=2, seed=5)
+    before = harness.launch_count()
+    outs = cases.run_kernels(cs, Layout(shift=1))
+    groups = -(-len(Ps) // TENSORS_PER_LAUNCH)
+    per_group = 1 if op.startswith("segment_broadcast") else 2  # + the combine pass
+    rescale = 1 if op != "segment_sum" else 0
+    assert harness.launch_count() - before == rescale + groups * per_group
+    for case, out in zip(cs, outs):
+        check_against_reference(case, out)
+
+
+def test_list_with_different_clusters_is_refused():
+    """The tensors of one call must share the tree level: a list whose offsets differ is
+    cudaErrorInvalidValue, not a silent mix."""
+    case = cases.Case("segment_mean", torch.float32, [2, 3], P=4)
+    dt = harness.DTYPE_IDS[torch.float32]
+    offsets = [harness.index_tensor(case.offsets), harness.index_tensor(case.offsets)]
+    parents = harness.index_tensor(case.parents)
+    args, guarded = [], []
+    for off in offsets:  # equal values, but two tensors: the kernels cannot know
+        a, _, bufs = cases.reduce_args(case, Layout(), dt, off, parents, None)
+        args.append(a)
+        guarded += bufs
+    with pytest.raises(RuntimeError, match="cudaError 1"):
+        harness.run_reduce(args, guarded)
+    harness.run_reduce(args[:1], guarded)  # each alone is fine
+
+
 # ----------------------------------------------------------------------------- the emulation
 
 

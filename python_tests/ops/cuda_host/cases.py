@@ -111,27 +111,64 @@ def _vector1d(t: torch.Tensor, layout: Layout) -> Guarded:
 
 def run_kernel(case: Case, layout: Layout) -> torch.Tensor:
     """The op's result from the host-built CUDA kernels, every buffer placed by `layout`."""
-    dt = harness.DTYPE_IDS[case.dtype]
-    offsets = harness.index_tensor(case.offsets)
+    return run_kernels([case], layout)[0]
+
+
+def list_cases(op: str, dtype: torch.dtype, sizes: list, Ps: list, weight_kind: str = "none",
+               rate_kind: str = "float", parents: Optional[list] = None, num_prev: int = 1,
+               seed: int = 0) -> list:
+    """The tensors of one multi-tensor call: one Case per width in Ps, each with its own
+    data and rate, all with the clusters, parents and weights of the first."""
+    cs = [Case(op, dtype, sizes, P, weight_kind, rate_kind, parents, num_prev, seed + i)
+          for i, P in enumerate(Ps)]
+    for c in cs[1:]:
+        c.weights = cs[0].weights
+    return cs
+
+
+def run_kernels(cs: list, layout: Layout) -> list:
+    """One launcher call over a list of cases (a multi-tensor op), as the CUDA binding
+    makes it: the cases share the op, dtype, clusters, parents and weights of cs[0]
+    (`list_cases`). Returns each case's result."""
+    first = cs[0]
+    dt = harness.DTYPE_IDS[first.dtype]
+    offsets = harness.index_tensor(first.offsets)
+    parents = harness.index_tensor(first.parents)
     guarded = []
     weights = None
-    if case.weights is not None:
-        weights = _vector1d(case.weights, layout)
+    if first.weights is not None:
+        weights = _vector1d(first.weights, layout)
         guarded.append(("weights", weights))
+    broadcast = first.op.startswith("segment_broadcast")
+    args, outs = [], []
+    for i, case in enumerate(cs):
+        if broadcast:
+            a, out, bufs = broadcast_args(case, layout, dt, offsets, weights)
+        else:
+            a, out, bufs = reduce_args(case, layout, dt, offsets, parents, weights)
+        args.append(a)
+        outs.append(out)
+        guarded += [(f"{name}[{i}]", buf) for name, buf in bufs]
+    if broadcast:
+        harness.run_broadcast(args, guarded)
+    else:
+        harness.run_reduce(args, guarded)
+    return [out.view.clone() for out in outs]
 
-    if case.op.startswith("segment_broadcast"):
-        g = Guarded(case.g, layout)
-        out = Guarded(torch.empty(case.T, case.P, dtype=case.dtype), layout, fill=float("nan"))
-        guarded += [("g", g), ("out", out)]
-        a = BroadcastArgs(dtype=dt, mean=case.op.endswith("_mean"), T=case.T, P=case.P,
-                          C=case.C, g=g.ptr(), g_stride=g.stride, offsets=offsets.data_ptr(),
-                          weights=weights.ptr() if weights else None, out=out.ptr(),
-                          out_stride=out.stride)
-        harness.run_broadcast(a, guarded)
-        return out.view.clone()
 
+def broadcast_args(case: Case, layout: Layout, dt: int, offsets, weights):
+    g = Guarded(case.g, layout)
+    out = Guarded(torch.empty(case.T, case.P, dtype=case.dtype), layout, fill=float("nan"))
+    a = BroadcastArgs(dtype=dt, mean=case.op.endswith("_mean"), T=case.T, P=case.P,
+                      C=case.C, g=g.ptr(), g_stride=g.stride, offsets=offsets.data_ptr(),
+                      weights=weights.ptr() if weights else None, out=out.ptr(),
+                      out_stride=out.stride)
+    return a, out, [("g", g), ("out", out)]
+
+
+def reduce_args(case: Case, layout: Layout, dt: int, offsets, parents, weights):
     x = Guarded(case.x, layout)
-    guarded.append(("x", x))
+    bufs = [("x", x)]
     epilogue = {"segment_sum": "sum", "segment_mean": "mean"}.get(
         case.op, "tree" if case.op.startswith("tree") else "reptile")
     a = ReduceArgs(dtype=dt, epilogue=harness.EPILOGUES[epilogue], T=case.T, P=case.P, C=case.C,
@@ -139,13 +176,12 @@ def run_kernel(case: Case, layout: Layout) -> torch.Tensor:
                    weights=weights.ptr() if weights else None)
     if case.op in RATE_OPS:
         base = Guarded(case.base, layout)
-        guarded.append(("base", base))
+        bufs.append(("base", base))
         a.base, a.base_stride, a.base_rows = base.ptr(), base.stride, case.base.shape[0]
-        parents = harness.index_tensor(case.parents)
         a.parents = parents.data_ptr()
         if isinstance(case.rate, torch.Tensor):
             rate = _vector1d(case.rate, layout)
-            guarded.append(("rate", rate))
+            bufs.append(("rate", rate))
             a.rate_tensor, a.rate_stride = rate.ptr(), 0 if case.rate.dim() == 0 else 1
         else:
             a.rate = float(case.rate)
@@ -153,10 +189,9 @@ def run_kernel(case: Case, layout: Layout) -> torch.Tensor:
         out = base
     else:
         out = Guarded(torch.empty(case.C, case.P, dtype=case.dtype), layout, fill=float("nan"))
-        guarded.append(("out", out))
+        bufs.append(("out", out))
     a.out, a.out_stride = out.ptr(), out.stride
-    harness.run_reduce(a, guarded)
-    return out.view.clone()
+    return a, out, bufs
 
 
 def _rate_args(case: Case):

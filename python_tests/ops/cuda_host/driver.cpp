@@ -1,8 +1,9 @@
 // C entry points of the host build of the CUDA kernels, for ctypes (test_cuda_host.py).
 //
-// Each launcher of csrc/cuda/kernels.h is exposed as it is: it takes a pointer to its
-// argument struct (mirrored field by field by a ctypes.Structure in the test, whose
-// size is checked against tp_host_sizeof_*) and host pointers as device pointers.
+// Each launcher of csrc/cuda/kernels.h is exposed as it is: it takes an array of n
+// argument structs (one per tensor of a multi-tensor op; mirrored field by field by a
+// ctypes.Structure in the test, whose size is checked against tp_host_sizeof_*) and
+// host pointers as device pointers.
 // To cover a new launcher: add its workspace-size and launch wrappers and a sizeof
 // here, and the matching Structure and calls in the test.
 #include <cstddef>
@@ -19,20 +20,20 @@ extern "C" {
 size_t tp_host_sizeof_reduce_args() { return sizeof(SegmentReduceArgs); }
 size_t tp_host_sizeof_broadcast_args() { return sizeof(SegmentBroadcastArgs); }
 
-size_t tp_host_segment_reduce_workspace_bytes(const SegmentReduceArgs* a) {
-  return treepool::cuda::segment_reduce_workspace_bytes(*a);
+size_t tp_host_segment_reduce_workspace_bytes(const SegmentReduceArgs* a, int64_t n) {
+  return treepool::cuda::segment_reduce_workspace_bytes(a, n);
 }
 
-int tp_host_segment_reduce(const SegmentReduceArgs* a, void* workspace) {
-  return static_cast<int>(treepool::cuda::segment_reduce(*a, workspace, nullptr));
+int tp_host_segment_reduce(const SegmentReduceArgs* a, int64_t n, void* workspace) {
+  return static_cast<int>(treepool::cuda::segment_reduce(a, n, workspace, nullptr));
 }
 
-size_t tp_host_segment_broadcast_workspace_bytes(const SegmentBroadcastArgs* a) {
-  return treepool::cuda::segment_broadcast_workspace_bytes(*a);
+size_t tp_host_segment_broadcast_workspace_bytes(const SegmentBroadcastArgs* a, int64_t n) {
+  return treepool::cuda::segment_broadcast_workspace_bytes(a, n);
 }
 
-int tp_host_segment_broadcast(const SegmentBroadcastArgs* a, void* workspace) {
-  return static_cast<int>(treepool::cuda::segment_broadcast(*a, workspace, nullptr));
+int tp_host_segment_broadcast(const SegmentBroadcastArgs* a, int64_t n, void* workspace) {
+  return static_cast<int>(treepool::cuda::segment_broadcast(a, n, workspace, nullptr));
 }
 
 // The emulation: block / warp / lane order (0 forward, 1 reverse, 2 shuffled with

@@ -6,7 +6,9 @@
 // misaligned buffers and valid or invalid indices (decreasing, negative, past T, the
 // int64 extremes), allocates every buffer at its exact size (so that AddressSanitizer
 // sees one element past it) and runs segment_reduce and segment_broadcast with the
-// blocks in shuffled order. Any sanitizer report aborts the process; the results
+// blocks in shuffled order, on one tensor and on a list of 2 to 20 (the multi-tensor
+// launch, more than one table of 16 tensors), narrower copies of it over the same
+// buffers. Any sanitizer report aborts the process; the results
 // themselves are not checked (they are unspecified for invalid indices).
 //
 // Usage: fuzz_kernels [cases] [seed]; prints "fuzz: N cases, M launcher calls" at the end.
@@ -89,6 +91,30 @@ std::vector<int64_t> draw_parents(int64_t C, int64_t rows, bool valid) {
   return p;
 }
 
+// A list of n structs: `a` and narrower copies of it (P' <= P over the same buffers, so
+// every access of a copy is one `a` could make).
+template <typename Args>
+std::vector<Args> narrower_copies(const Args& a, int64_t n) {
+  std::vector<Args> list(static_cast<size_t>(n), a);
+  for (size_t i = 1; i < list.size(); ++i) list[i].P = uniform(0, a.P);
+  return list;
+}
+
+// Runs a launcher on `a` alone, then on a list of copies. Returns the calls made.
+template <typename Args, typename Bytes, typename Launch>
+int run_alone_and_listed(const Args& a, Bytes bytes_of, Launch launch) {
+  int calls = 0;
+  for (int64_t n : {int64_t(1), uniform(2, 20)}) {
+    const std::vector<Args> list = narrower_copies(a, n);
+    const size_t bytes = bytes_of(list.data(), n);
+    void* ws = bytes > 0 ? std::aligned_alloc(256, (bytes + 255) / 256 * 256) : nullptr;
+    launch(list.data(), n, ws, nullptr);
+    std::free(ws);
+    ++calls;
+  }
+  return calls;
+}
+
 // One case: both launchers on the same shapes. Returns the number of calls made.
 int run_case() {
   const DType dtype = static_cast<DType>(uniform(0, 3));
@@ -132,13 +158,14 @@ int run_case() {
   a.rate = 0.5;
   a.rate_tensor = rate_kind == 0 ? nullptr : rate.data;
   a.rate_stride = rate_kind == 2 ? 1 : 0;
-  {
-    const size_t bytes = treepool::cuda::segment_reduce_workspace_bytes(a);
-    void* ws = bytes > 0 ? std::aligned_alloc(256, bytes) : nullptr;
-    treepool::cuda::segment_reduce(a, ws, nullptr);
-    std::free(ws);
-    ++calls;
-  }
+  calls += run_alone_and_listed(
+      a,
+      [](const treepool::cuda::SegmentReduceArgs* l, int64_t n) {
+        return treepool::cuda::segment_reduce_workspace_bytes(l, n);
+      },
+      [](const treepool::cuda::SegmentReduceArgs* l, int64_t n, void* ws, cudaStream_t s) {
+        return treepool::cuda::segment_reduce(l, n, ws, s);
+      });
 
   treepool::cuda::SegmentBroadcastArgs b;
   b.dtype = dtype;
@@ -154,13 +181,14 @@ int run_case() {
   b.weights = weighted ? weights.data : nullptr;
   b.out = bout.data;
   b.out_stride = stride;
-  {
-    const size_t bytes = treepool::cuda::segment_broadcast_workspace_bytes(b);
-    void* ws = bytes > 0 ? std::aligned_alloc(256, bytes) : nullptr;
-    treepool::cuda::segment_broadcast(b, ws, nullptr);
-    std::free(ws);
-    ++calls;
-  }
+  calls += run_alone_and_listed(
+      b,
+      [](const treepool::cuda::SegmentBroadcastArgs* l, int64_t n) {
+        return treepool::cuda::segment_broadcast_workspace_bytes(l, n);
+      },
+      [](const treepool::cuda::SegmentBroadcastArgs* l, int64_t n, void* ws, cudaStream_t s) {
+        return treepool::cuda::segment_broadcast(l, n, ws, s);
+      });
   return calls;
 }
 

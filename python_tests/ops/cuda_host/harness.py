@@ -6,15 +6,17 @@ against the C++ ones at load). Every buffer the kernels see lives inside a large
 "guarded" storage: the bytes around it (and between its rows) hold a guard value that
 a test checks afterwards, and outputs and workspace are filled with NaN first.
 
-Adding a launcher (for instance a pointer-table one for Tensor[] ops): mirror its
-argument struct here, add its wrappers to driver.cpp, and a `run_*` function below.
+The launchers take a list of argument structs (one per tensor of a multi-tensor op,
+run as one launch per 16 tensors); `run_reduce` and `run_broadcast` take one struct or
+a list. Adding a launcher: mirror its argument struct here, add its wrappers to
+driver.cpp, and a `run_*` function below.
 """
 
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -167,24 +169,24 @@ def check_error(err: int, what: str) -> None:
         raise RuntimeError(f"{what}: cudaError {err}: {take_error()}")
 
 
-def run_reduce(args: ReduceArgs, guarded: list) -> None:
-    """segment_reduce with a NaN-filled, guarded workspace; checks every guard."""
+def _run(name: str, args, guarded: list) -> None:
+    """Launcher `name` over one argument struct or a list of them, with a NaN-filled,
+    guarded workspace; checks every guard."""
     so = lib()
-    nbytes = so.tp_host_segment_reduce_workspace_bytes(ctypes.byref(args))
+    items = [args] if isinstance(args, ctypes.Structure) else list(args)
+    array = (type(items[0]) * len(items))(*items)
+    n = ctypes.c_int64(len(items))
+    nbytes = getattr(so, f"tp_host_{name}_workspace_bytes")(array, n)
     ws = Workspace(nbytes)
-    check_error(so.tp_host_segment_reduce(ctypes.byref(args), ctypes.c_void_p(ws.ptr())),
-                "segment_reduce")
-    assert ws.untouched_guards(), "segment_reduce wrote outside its workspace"
-    for name, buf in guarded:
-        assert buf.untouched_guards(), f"segment_reduce wrote outside {name}"
+    check_error(getattr(so, f"tp_host_{name}")(array, n, ctypes.c_void_p(ws.ptr())), name)
+    assert ws.untouched_guards(), f"{name} wrote outside its workspace"
+    for what, buf in guarded:
+        assert buf.untouched_guards(), f"{name} wrote outside {what}"
 
 
-def run_broadcast(args: BroadcastArgs, guarded: list) -> None:
-    so = lib()
-    nbytes = so.tp_host_segment_broadcast_workspace_bytes(ctypes.byref(args))
-    ws = Workspace(nbytes)
-    check_error(so.tp_host_segment_broadcast(ctypes.byref(args), ctypes.c_void_p(ws.ptr())),
-                "segment_broadcast")
-    assert ws.untouched_guards(), "segment_broadcast wrote outside its workspace"
-    for name, buf in guarded:
-        assert buf.untouched_guards(), f"segment_broadcast wrote outside {name}"
+def run_reduce(args: Union[ReduceArgs, Sequence[ReduceArgs]], guarded: list) -> None:
+    _run("segment_reduce", args, guarded)
+
+
+def run_broadcast(args: Union[BroadcastArgs, Sequence[BroadcastArgs]], guarded: list) -> None:
+    _run("segment_broadcast", args, guarded)

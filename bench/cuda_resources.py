@@ -55,9 +55,13 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out))
 
 
+EPILOGUES = {"0": "sum", "1": "mean", "2": "tree", "3": "reptile"}
+
+
 def short(name: str) -> str:
-    """`segment_reduce_kernel<8, true, __half>` from the demangled signature."""
+    """`segment_reduce_kernel<mean, 8, true, fp16>` from the demangled signature."""
     name = re.sub(r"treepool::cuda::detail::\(anonymous namespace\)::", "", name)
+    name = re.sub(r"\(treepool::Epilogue\)(\d)", lambda m: EPILOGUES[m.group(1)], name)
     name = name.split("(")[0].removeprefix("void ")
     return name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
 

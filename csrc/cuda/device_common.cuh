@@ -148,14 +148,19 @@ inline int64_t group_end(int64_t i0, int64_t n) {
   return i0 + kMaxTensors < n ? i0 + kMaxTensors : n;
 }
 
-// The tensor that grid tile `tile` belongs to: the last k with tensors[k].tile0 <= tile
-// (the table holds only tensors with columns).
+// The entry of the tensor that grid tile `tile` belongs to: the last k < n with
+// tensors[k].tile0 <= tile (the table holds only tensors with columns, so the first
+// has tile0 = 0 and every later one a larger tile0). The loop has a fixed trip count
+// and fixed indices: every load is a plain kernel-parameter load and the chosen entry
+// stays in registers (a dynamic index into the parameter would go through memory).
 template <typename Tensor>
-__device__ __forceinline__ int tensor_of_tile(const Tensor* tensors, int n, int64_t tile) {
-  int k = 0;
-  for (int i = 1; i < n; ++i)
-    if (tensors[i].tile0 <= tile) k = i;
-  return k;
+__device__ __forceinline__ Tensor tensor_of_tile(const Tensor (&tensors)[kMaxTensors], int n,
+                                                 int64_t tile) {
+  Tensor t = tensors[0];
+#pragma unroll
+  for (int i = 1; i < kMaxTensors; ++i)
+    if (i < n && tensors[i].tile0 <= tile) t = tensors[i];
+  return t;
 }
 
 // --- index helpers -----------------------------------------------------------------

@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
   const BroadcastParams<T>& p = L.p;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
   if (j >= p.chunks) return;
-  const BroadcastTensor<T>& bt = L.tensors[tensor_of_tile(L.tensors, L.num_tensors, blockIdx.x)];
+  const BroadcastTensor<T> bt = tensor_of_tile(L.tensors, L.num_tensors, blockIdx.x);
   const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(bt.P, blockIdx.x - bt.tile0);
   if (cm.n == 0) return;
   const int64_t r_lo = j * p.chunk_rows;

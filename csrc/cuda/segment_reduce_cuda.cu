@@ -370,8 +370,8 @@ __device__ __forceinline__ void run_pass(const ReduceLaunch<T>& L) {
   const ReduceParams<T>& p = L.p;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
   if (j >= p.chunks) return;
-  const int k = tensor_of_tile(L.tensors, L.num_tensors, blockIdx.x);
-  const ReduceTensor<T>& t = L.tensors[k];
+  const ReduceTensor<T> t = tensor_of_tile(L.tensors, L.num_tensors, blockIdx.x);
+  const bool first_tensor = t.tile0 == 0;  // it stores the partial weights
   const Cols<VEC, VECTOR> cm = thread_cols<VEC, VECTOR>(t.P, blockIdx.x - t.tile0);
   if (cm.n == 0) return;
   if (COMBINE) {
@@ -381,9 +381,9 @@ __device__ __forceinline__ void run_pass(const ReduceLaunch<T>& L) {
       combine_chunk<E, false>(p, t, j, cm);
   } else {
     if (p.weights != nullptr)
-      reduce_chunk<E, true>(p, t, k == 0, j, cm);
+      reduce_chunk<E, true>(p, t, first_tensor, j, cm);
     else
-      reduce_chunk<E, false>(p, t, k == 0, j, cm);
+      reduce_chunk<E, false>(p, t, first_tensor, j, cm);
   }
 }
 

@@ -250,6 +250,8 @@ class TreeSchedule:
         same = level == state.level
         kind = self._plan(level, _device(state.params))[0]
         children = None if state.root or same else self._children(level)
+        if children == 1:  # parents are the identity (MAML's flat tree): the nodes' own rows
+            same, children = True, None
         if children is not None and kind in ("task", "node"):
             # every node has `children` equal children: siblings share the parent's weights
             g = _detach(grads.per_child(state.params, children, kind == "node"), grads.create_graph)

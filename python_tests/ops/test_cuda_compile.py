@@ -19,6 +19,8 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -117,25 +119,48 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(cmd, -1, "", f"timed out after {exc.timeout} s")
 
 
+_compiled: dict = {}
+_compile_lock = threading.Lock()
+
+
+def compile_all() -> tuple[dict, dict]:
+    """Compiles every .cu and checks every binding .cpp, all at once: (name -> result,
+    name -> why a binding check cannot run). Once per process: python_tests/conftest.py
+    starts it in the background when the session begins, so that the compiles overlap
+    the tests that run before this module; the fixture waits for that run or, when
+    nothing started it, runs it itself."""
+    with _compile_lock:
+        if "builds" not in _compiled:
+            with tempfile.TemporaryDirectory(prefix="treepool_cuda_objects_") as out_dir:
+                jobs = {src.name: nvcc_command(src, Path(out_dir) / (src.stem + ".o"))
+                        for src in CU_FILES}
+                skipped = {}
+                for src in BINDINGS:
+                    cmd, why = binding_command(src)
+                    if cmd is None:
+                        skipped[src.name] = why
+                    else:
+                        jobs[src.name] = cmd
+                workers = max(1, min(len(jobs), os.cpu_count() or 1))
+                with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                    futures = {name: pool.submit(run, cmd) for name, cmd in jobs.items()}
+                    results = {name: f.result() for name, f in futures.items()}
+            _compiled["builds"] = (results, skipped)
+        return _compiled["builds"]
+
+
+def warm_up() -> None:
+    """What python_tests/conftest.py runs in the background before this module's tests."""
+    if NVCC is not None:
+        compile_all()
+
+
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """Compiles every .cu and checks every binding .cpp, all at once; name -> result."""
+def builds():
+    """name -> result of every compile (see compile_all)."""
     if NVCC is None:
         pytest.skip("nvcc is not on PATH: the CUDA sources cannot be compile-checked")
-    out_dir = tmp_path_factory.mktemp("cuda_objects")
-    jobs = {src.name: nvcc_command(src, out_dir / (src.stem + ".o")) for src in CU_FILES}
-    skipped = {}
-    for src in BINDINGS:
-        cmd, why = binding_command(src)
-        if cmd is None:
-            skipped[src.name] = why
-        else:
-            jobs[src.name] = cmd
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {name: pool.submit(run, cmd) for name, cmd in jobs.items()}
-        results = {name: f.result() for name, f in futures.items()}
-    return results, skipped
+    return compile_all()
 
 
 def check(result: subprocess.CompletedProcess) -> None:

@@ -304,6 +304,15 @@ cudaError_t dispatch_dtype(DType d, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// The plan of one launch of a list: tensors [i0, i1) (at most kMaxTensors) of the
+// argument structs `as` (SegmentReduceArgs or SegmentBroadcastArgs: T, P, dtype).
+template <typename Args>
+Plan group_plan(const Args* as, int64_t i0, int64_t i1, int64_t min_rows, bool cap_sqrt) {
+  int64_t P[kMaxTensors];
+  for (int64_t i = i0; i < i1; ++i) P[i - i0] = as[i].P;
+  return make_plan(as[0].T, P, i1 - i0, elem_bytes(as[0].dtype), min_rows, cap_sqrt);
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace treepool

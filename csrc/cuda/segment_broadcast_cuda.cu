@@ -116,10 +116,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // The plan of one launch: tensors [i0, i1) of the list.
 Plan broadcast_plan(const SegmentBroadcastArgs* as, int64_t i0, int64_t i1) {
-  int64_t P[kMaxTensors];
-  for (int64_t i = i0; i < i1; ++i) P[i - i0] = as[i].P;
-  return make_plan(as[0].T, P, i1 - i0, elem_bytes(as[0].dtype), kMinBroadcastRows,
-                   /*cap_sqrt=*/false);
+  return group_plan(as, i0, i1, kMinBroadcastRows, /*cap_sqrt=*/false);
 }
 
 bool needs_scale(const SegmentBroadcastArgs& a) { return a.mean && a.weights != nullptr; }

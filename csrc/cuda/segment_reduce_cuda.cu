@@ -399,10 +399,7 @@ __global__ void __launch_bounds__(kThreads) segment_combine_kernel(const ReduceL
 
 // The plan of one launch: tensors [i0, i1) of the list.
 Plan reduce_plan(const SegmentReduceArgs* as, int64_t i0, int64_t i1) {
-  int64_t P[kMaxTensors];
-  for (int64_t i = i0; i < i1; ++i) P[i - i0] = as[i].P;
-  const int eb = elem_bytes(as[0].dtype);
-  return make_plan(as[0].T, P, i1 - i0, eb, kMinChunkBytes / eb, /*cap_sqrt=*/true);
+  return group_plan(as, i0, i1, kMinChunkBytes / elem_bytes(as[0].dtype), /*cap_sqrt=*/true);
 }
 
 // Whether the weights are rescaled per cluster first (a weighted mean or update).

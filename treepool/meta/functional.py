@@ -25,7 +25,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 Params = Dict[str, Tensor]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
 
-__all__ = ["LossFn", "ModelFunctions", "Params", "batch_statistics", "check_inputs",
+__all__ = ["LossFn", "ModelFunctions", "Params", "batch_statistics", "batched_grads", "check_inputs",
            "exact_norms", "num_tasks_of", "take_rows"]
 
 
@@ -168,6 +168,35 @@ def check_inputs(name: str, x, num_tasks: Optional[int], dtype: Optional[torch.d
     return T
 
 
+def batched_grads(params: Params, expand: Tuple[int, ...], create_graph: bool,
+                  total: Callable[[Params], Tensor], at: int = 0) -> Params:
+    """``d total / d params`` by one reverse pass of plain autograd over the batched
+    tensors (the forward is vmapped; the backward is not, so it dispatches each op once
+    on the whole batch instead of through torch.func's per-level wrappers).
+
+    ``total`` sums independent per-task (or per-node) losses, so the gradient with
+    respect to batched parameters ``[N, *shape]`` is every task's own gradient.
+    ``expand`` inserts batch dimensions at ``at`` as stride-0 views (tasks that start
+    from one shared set of parameters get their own gradient rows without a copy).
+    ``create_graph``: the gradients are differentiable (second order); else they are
+    computed at detached parameters, with no graph, in any grad mode.
+    """
+    names = list(params)
+    inputs = []
+    with torch.enable_grad():
+        for p in params.values():
+            if not (create_graph and p.requires_grad):
+                p = p.detach().requires_grad_()
+            if expand:
+                p = p.reshape(*p.shape[:at], *(1,) * len(expand), *p.shape[at:]).expand(
+                    *p.shape[:at], *expand, *p.shape[at:])
+            inputs.append(p)
+        out = total(dict(zip(names, inputs)))
+        grads = torch.autograd.grad(out, inputs, create_graph=create_graph, allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g
+            for n, p, g in zip(names, inputs, grads)}
+
+
 class ModelFunctions:
     """``model`` as functions of its adapted parameters, batched over tasks.
 
@@ -200,47 +229,53 @@ class ModelFunctions:
             return per_task(params, xs, ys).mean()
         return loss
 
+    def _vmap(self, fn, in_dims=0):
+        return torch.func.vmap(fn, in_dims=in_dims, randomness=self.randomness)
+
     def task_grads(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
-                   shared: bool = False) -> Params:
+                   shared: bool = False, create_graph: bool = False) -> Params:
         """``{name: [T, *shape]}``: each task's gradient at its own parameters
         (``shared``: one set of parameters, unbatched, for every task)."""
-        fn = torch.func.vmap(torch.func.grad(self.task_loss(loss_fn)),
-                             in_dims=(None if shared else 0, 0, 0), randomness=self.randomness)
-        return fn(params, x, y)
+        T = num_tasks_of(x)
+        losses = self._vmap(self.task_loss(loss_fn))
+        return batched_grads(params, (T,) if shared else (), create_graph,
+                             lambda p: losses(p, x, y).sum())
 
     def node_grads(self, params: Params, xs: Inputs, ys: Tensor, loss_fn: LossFn,
-                   shared: bool = False) -> Params:
+                   shared: bool = False, create_graph: bool = False) -> Params:
         """``{name: [C, *shape]}``: for every node c, the gradient of the mean loss of its
         tasks (data ``[C, m, n, ...]``) at the node's parameters, which equals the mean
         of their per-task gradients (the pooled gradient of TreeMAML)."""
-        fn = torch.func.vmap(torch.func.grad(self.node_loss(loss_fn)),
-                             in_dims=(None if shared else 0, 0, 0), randomness=self.randomness)
-        return fn(params, xs, ys)
+        C = num_tasks_of(xs)
+        losses = self._vmap(self.node_loss(loss_fn))
+        return batched_grads(params, (C,) if shared else (), create_graph,
+                             lambda p: losses(p, xs, ys).sum())
 
     def grouped_grads(self, params: Params, xs: Inputs, ys: Tensor, loss_fn: LossFn,
-                      per_node: bool) -> Params:
+                      per_node: bool, create_graph: bool = False) -> Params:
         """``{name: [G, k, *shape]}`` for G parent nodes (``params`` [G, *shape]) with k
-        children each: child j of parent g starts from the parent's parameters, shared by
-        its k siblings (one weight per parent in every matmul, no gathered copy).  Data
-        are ``[G, k, m, n, ...]`` (``per_node``: a child's gradient is that of the mean
-        loss of its m tasks) or ``[G, k, n, ...]`` (one task per child)."""
-        inner = torch.func.grad(self.node_loss(loss_fn) if per_node else self.task_loss(loss_fn))
-        siblings = torch.func.vmap(inner, in_dims=(None, 0, 0), randomness=self.randomness)
-        return torch.func.vmap(siblings, randomness=self.randomness)(params, xs, ys)
+        children each: child j of parent g starts from the parent's parameters (a
+        stride-0 view, no copy).  Data are ``[G, k, m, n, ...]`` (``per_node``: a child's
+        gradient is that of the mean loss of its m tasks) or ``[G, k, n, ...]`` (one task
+        per child)."""
+        k = as_tuple(xs)[0].shape[1]
+        one = self.node_loss(loss_fn) if per_node else self.task_loss(loss_fn)
+        losses = self._vmap(self._vmap(one))
+        return batched_grads(params, (k,), create_graph, lambda p: losses(p, xs, ys).sum(),
+                             at=1)
 
     def weighted_node_grads(self, params: Params, xs: Inputs, ys: Tensor, weights: Tensor,
-                            loss_fn: LossFn, shared: bool = False) -> Params:
+                            loss_fn: LossFn, shared: bool = False,
+                            create_graph: bool = False) -> Params:
         """:meth:`node_grads` of ``sum_j weights[c, j] * L_j`` (``weights`` [C, m]; zero
         for the padding rows of a ragged node)."""
-        per_task = torch.func.vmap(self.task_loss(loss_fn), in_dims=(None, 0, 0),
-                                   randomness=self.randomness)
+        C = num_tasks_of(xs)
+        losses = self._vmap(self._vmap(self.task_loss(loss_fn), in_dims=(None, 0, 0)))
 
-        def loss(p, x, y, w):
-            losses = per_task(p, x, y)
-            return (losses * w.to(losses.dtype)).sum()
-        fn = torch.func.vmap(torch.func.grad(loss), in_dims=(None if shared else 0, 0, 0, 0),
-                             randomness=self.randomness)
-        return fn(params, xs, ys, weights)
+        def total(p):
+            out = losses(p, xs, ys)
+            return (out * weights.to(out.dtype)).sum()
+        return batched_grads(params, (C,) if shared else (), create_graph, total)
 
     def losses(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
                shared: bool = False) -> Tensor:

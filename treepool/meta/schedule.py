@@ -122,8 +122,7 @@ class Gradients:
             if self.create_graph:
                 with exact_norms(self.fns.model):
                     return fn()
-            with torch.no_grad():
-                return fn()
+            return fn()
         except (RuntimeError, TypeError, ValueError) as error:
             probe = {n: (p[None] if shared else p) for n, p in params.items()}
             self.fns.diagnose(self.name, probe, self.x, error)
@@ -133,8 +132,8 @@ class Gradients:
         """``{name: [T, *shape]}``, task t's gradient at ``params[t]`` (or at the shared
         ``params``); ``rows``: only these rows of the batch."""
         x, y = take_rows(self.x, rows), take_rows(self.y, rows)
-        return self._run(lambda: self.fns.task_grads(params, x, y, self.loss_fn, shared),
-                         params, shared)
+        return self._run(lambda: self.fns.task_grads(params, x, y, self.loss_fn, shared,
+                                                     self.create_graph), params, shared)
 
     def per_child(self, params: Params, children: int, per_node: bool) -> Params:
         """``{name: [G, k, *shape]}``: gradients of the k children of each of the G nodes
@@ -144,8 +143,8 @@ class Gradients:
             (lambda t: t.reshape(G, children, *t.shape[1:]))
         x = tuple(split(t) for t in self.x) if isinstance(self.x, tuple) else split(self.x)
         y = split(self.y)
-        return self._run(lambda: self.fns.grouped_grads(params, x, y, self.loss_fn, per_node),
-                         params, False)
+        return self._run(lambda: self.fns.grouped_grads(params, x, y, self.loss_fn, per_node,
+                                                        self.create_graph), params, False)
 
     def per_node(self, params: Params, shared: bool, groups: int,
                  index: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Params:
@@ -155,10 +154,11 @@ class Gradients:
         x = reshape_rows(take_rows(self.x, index), groups)
         y = reshape_rows(take_rows(self.y, index), groups)
         if weights is None:
-            fn = lambda: self.fns.node_grads(params, x, y, self.loss_fn, shared)  # noqa: E731
+            fn = lambda: self.fns.node_grads(params, x, y, self.loss_fn, shared,  # noqa: E731
+                                             self.create_graph)
         else:
             fn = lambda: self.fns.weighted_node_grads(params, x, y, weights, self.loss_fn,  # noqa: E731
-                                                     shared)
+                                                     shared, self.create_graph)
         return self._run(fn, params, shared)
 
 

@@ -138,5 +138,11 @@ def test_auto_factors_only_where_it_pays_and_meta_sgd_stays_dense():
     assert learner.factored.layers_for(x, [{n: torch.ones(p.shape) for n, p in
                                             wide.named_parameters()}]) == ()
     assert MAML(wide, factored="never").factored.layers_for(x, [0.01]) == ()
+    # width 64, 5 rows, 3 steps: 16 tasks save too little to pay for the extra ops, 256 do
+    narrow = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    auto = MAML(narrow, inner_lr=0.01, inner_steps=3).factored
+    assert auto.layers_for(torch.randn(16, 5, 1), [0.01] * 3) == ()
+    assert auto.layers_for(torch.randn(256, 5, 1), [0.01] * 3) == ("2",)
+    assert MAML(narrow, factored="always").factored.layers_for(torch.randn(16, 5, 1), [0.01]) == ("0", "2", "4")
     with pytest.raises(ValueError, match="factored"):
         MAML(wide, factored="sometimes")

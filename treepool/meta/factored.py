@@ -16,8 +16,14 @@ exact first- or second-order meta-gradient (float64 tests against the dense form
 
 A layer is factored when it is a plain ``nn.Linear`` whose weight is adapted and not
 tied, the inner rate is a scalar per step or per layer (an elementwise Meta-SGD rate
-breaks the low rank), and by default when it clearly pays:
-2 * N * steps * (in + out) < in * out (the factors' traffic against the dense weight's).
+breaks the low rank), and by default (``'auto'``) when it pays:
+
+    T * (in * out - N * steps * (in + out)) > 2**17
+
+the elements of T dense per-task weights against those of the factors, less a fixed
+allowance for the factored form's extra operations.  Measured on CPU
+(``python bench/bench_meta.py``; bench/RESULTS_meta.md): at width 64 the factored form
+costs 1.1-1.3x the dense one with 16 tasks and 0.43-0.92x with 256, whatever the rule.
 """
 
 from __future__ import annotations
@@ -35,22 +41,29 @@ __all__ = ["FactoredLinears", "FACTORED_MODES"]
 
 FACTORED_MODES = ("auto", "always", "never")
 
+# 'auto' factors a layer when it saves more than this many weight elements over the batch
+# (see the module docstring): below it, the dispatch of the factored form's extra ops
+# outweighs the smaller tensors.
+FACTOR_THRESHOLD = 2 ** 17
+
 
 class _Layer:
-    """Per-task state of one factored layer inside the batched computation."""
+    """Per-task state of one factored layer inside the batched computation: the node's
+    weight, the task's bias, and the task's steps so far as one low-rank term
+    ``A^T B`` (``a`` [R, out] holding ``lr_j * A_j`` of every step j, ``b`` [R, in]
+    the B_j, stacked along R = N * steps), so that a forward is two extra products
+    however many steps came before."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
-        self.weight, self.bias = weight, bias
-        self.terms: List[Tuple[object, Tensor, Tensor]] = []  # (lr, A [N, out], B [N, in])
-        self.probe: Optional[Tensor] = None
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor] = None,
+                 b: Optional[Tensor] = None, probe: Optional[Tensor] = None):
+        self.weight, self.bias, self.a, self.b, self.probe = weight, bias, a, b, probe
         self.seen: Optional[Tensor] = None
 
     def forward(self, x: Tensor) -> Tensor:
         z = F.linear(x, self.weight, self.bias)
-        if self.terms:
+        if self.a is not None:
             flat = x.reshape(-1, x.shape[-1])
-            for lr, a, b in self.terms:
-                z = z - lr * (flat @ b.transpose(0, 1) @ a).view(z.shape)
+            z = z - (flat @ self.b.transpose(0, 1) @ self.a).view(z.shape)
         if self.probe is not None:
             self.seen = x
             z = z + self.probe
@@ -90,11 +103,13 @@ class FactoredLinears:
         if self.mode == "never" or not self.eligible:
             return ()
         rows = self._input_rows(x)
+        tasks = as_tuple(x)[0].shape[0]
         chosen = []
         for name, m in self.eligible.items():
             if name not in rows or not all(self.scalar_rate(r, name) for r in rates):
                 continue
-            pays = 2 * rows[name] * steps * (m.in_features + m.out_features) < m.in_features * m.out_features
+            saved = m.in_features * m.out_features - rows[name] * steps * (m.in_features + m.out_features)
+            pays = tasks * saved > FACTOR_THRESHOLD
             if self.mode == "always" or pays:
                 chosen.append(name)
         return tuple(chosen)
@@ -155,65 +170,87 @@ class FactoredLinears:
                      loss_fn: LossFn, create_graph: bool) -> Tensor:
         """[T] query losses after ``len(rates)`` per-task steps from the node parameters
         ``base`` (``shared``: one unbatched set; else ``[groups, *shape]``, node c owning
-        the c-th of ``groups`` equal blocks of the T tasks)."""
+        the c-th of ``groups`` equal blocks of the T tasks).
+
+        Each step is one vmapped forward of every task (the factored layers' weights at
+        their node, shared by its tasks) and one plain autograd pass over the batch for
+        the dense parameters' gradients and the probes' (A); the per-task tensors keep
+        the layout ``[T, ...]`` (shared) or ``[groups, T / groups, ...]``."""
         out_shapes = {n: shape for n, (_, shape) in self._probe_shapes(sx).items()}
+        T = as_tuple(sx)[0].shape[0]
+        lead = (T,) if shared else (groups, T // groups)
+        weights = {n: base[f"{n}.weight"] for n in names}
+        factored = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
 
-        def task(params: Params, x, y, xq, yq) -> Tensor:
-            layers = {n: _Layer(params[f"{n}.weight"], params.get(f"{n}.bias")) for n in names}
-            factored = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
-            dense = {k: v for k, v in params.items() if k not in factored}
-            for lr in rates:
-                dense = self._step(layers, dense, x, y, lr, loss_fn, create_graph, out_shapes)
+        def per_task(t: Tensor) -> Tensor:  # node rows -> stride-0 per-task views
+            node = t.shape if shared else t.shape[1:]
+            return (t if shared else t.unsqueeze(1)).expand(*lead, *node)
+
+        dense = {k: per_task(v) for k, v in base.items() if k not in factored}
+        biases = {n: per_task(base[f"{n}.bias"]) for n in names if f"{n}.bias" in base}
+        a_terms: Dict[str, Tensor] = {}  # lr-scaled A of every step so far, [*lead, R, out]
+        b_terms: Dict[str, Tensor] = {}  # B of every step so far, [*lead, R, in]
+        data = [t if shared else _blocks(t, groups) for t in (sx, sy, qx, qy)]
+
+        def layers_of(task, node, probes=None):
+            return {n: _Layer(node[n], task["bias"].get(n), task["A"].get(n), task["B"].get(n),
+                              None if probes is None else probes[n]) for n in names}
+
+        def support_loss(task, node):
+            layers = layers_of(task, node, task["probe"])
             with self._active(layers):
-                return loss_fn(self.fns(dense, xq), yq)
+                loss = loss_fn(self.fns(task["dense"], task["x"]), task["y"])
+            return loss, {n: layers[n].seen for n in names}
 
-        per_task = torch.func.vmap(task, in_dims=(None, 0, 0, 0, 0), randomness=self.fns.randomness)
+        def query_loss(task, node):
+            with self._active(layers_of(task, node)):
+                return loss_fn(self.fns(task["dense"], task["x"]), task["y"])
+
+        support = self._batched(support_loss, shared)
+        for lr in rates:
+            with torch.enable_grad(), exact_norms(self.fns.model) if create_graph \
+                    else contextlib.nullcontext():
+                keep = (lambda t: t) if create_graph else (lambda t: t.detach())
+                inputs = {k: v if create_graph and v.requires_grad else v.detach().requires_grad_()
+                          for k, v in dense.items()}
+                probes = {n: torch.zeros(*lead, *out_shapes[n], dtype=weights[n].dtype,
+                                         device=weights[n].device, requires_grad=True)
+                          for n in names}
+                task = {"dense": inputs, "bias": {n: keep(b) for n, b in biases.items()},
+                        "A": {n: keep(a) for n, a in a_terms.items()},
+                        "B": {n: keep(b) for n, b in b_terms.items()},
+                        "probe": probes, "x": data[0], "y": data[1]}
+                losses, seen = support(task, {n: keep(w) for n, w in weights.items()})
+                wrt = list(inputs.values()) + list(probes.values())
+                grads = torch.autograd.grad(losses.sum(), wrt, create_graph=create_graph,
+                                            allow_unused=True)
+            for (k, v), g in zip(list(dense.items()), grads):
+                rate = lr[k] if isinstance(lr, dict) else lr
+                dense[k] = v if g is None else v - rate * g
+            for n, g_probe in zip(names, grads[len(inputs):]):
+                w = weights[n]
+                a = g_probe.reshape(*lead, -1, w.shape[-2])
+                b = seen[n].reshape(*lead, -1, w.shape[-1])
+                if not create_graph:
+                    a, b = a.detach(), b.detach()
+                w_rate = lr[f"{n}.weight"] if isinstance(lr, dict) else lr
+                scaled = a * w_rate
+                a_terms[n] = scaled if n not in a_terms else torch.cat([a_terms[n], scaled], -2)
+                b_terms[n] = b if n not in b_terms else torch.cat([b_terms[n], b], -2)
+                if n in biases:
+                    b_rate = lr[f"{n}.bias"] if isinstance(lr, dict) else lr
+                    biases[n] = biases[n] - b_rate * a.sum(-2)
+        task = {"dense": dense, "bias": biases, "A": a_terms, "B": b_terms,
+                "x": data[2], "y": data[3]}
+        return self._batched(query_loss, shared)(task, weights).reshape(-1)
+
+    def _batched(self, fn, shared: bool):
+        """``fn(task, node)`` over every task: ``task`` holds per-task tensors, ``node``
+        the node parameters (unbatched when ``shared``, else one per group of tasks)."""
+        inner = torch.func.vmap(fn, in_dims=(0, None), randomness=self.fns.randomness)
         if shared:
-            return per_task(base, sx, sy, qx, qy)
-
-        def node(params, x, y, xq, yq):
-            return per_task(params, x, y, xq, yq)
-
-        blocks = [_blocks(t, groups) for t in (sx, sy, qx, qy)]
-        losses = torch.func.vmap(node, randomness=self.fns.randomness)(base, *blocks)
-        return losses.reshape(-1)
-
-    def _step(self, layers: Dict[str, _Layer], dense: Params, x, y, lr, loss_fn: LossFn,
-              create_graph: bool, out_shapes: Dict[str, torch.Size]) -> Params:
-        """One inner step of one task: dense parameters by their gradient, factored
-        layers by a new (A, B) term and their bias by the sum of A's rows."""
-        def loss(dense_params, probes):
-            for n, probe in probes.items():
-                layers[n].probe = probe
-            try:
-                with self._active(layers):
-                    out = loss_fn(self.fns(dense_params, x), y)
-            finally:
-                for n in probes:
-                    layers[n].probe = None
-            return out, {n: layers[n].seen for n in probes}
-
-        probes = {n: torch.zeros(out_shapes[n], dtype=l.weight.dtype, device=l.weight.device)
-                  for n, l in layers.items()}
-        grad = torch.func.grad(loss, argnums=(0, 1), has_aux=True)
-        with exact_norms(self.fns.model) if create_graph else torch.no_grad():
-            (g_dense, g_probe), seen = grad(dense, probes)
-        new_dense = {}
-        for k, v in dense.items():
-            rate = lr[k] if isinstance(lr, dict) else lr
-            g = g_dense[k] if create_graph else g_dense[k].detach()
-            new_dense[k] = v - rate * g
-        for n, layer in layers.items():
-            a = g_probe[n].reshape(-1, layer.weight.shape[0])
-            b = seen[n].reshape(-1, layer.weight.shape[1])
-            if not create_graph:
-                a, b = a.detach(), b.detach()
-            w_rate = lr[f"{n}.weight"] if isinstance(lr, dict) else lr
-            layer.terms.append((w_rate, a, b))
-            if layer.bias is not None:
-                b_rate = lr[f"{n}.bias"] if isinstance(lr, dict) else lr
-                layer.bias = layer.bias - b_rate * a.sum(0)
-        return new_dense
+            return inner
+        return torch.func.vmap(inner, in_dims=(0, 0), randomness=self.fns.randomness)
 
 
 def _blocks(x: Inputs, groups: int) -> Inputs:

@@ -168,16 +168,17 @@ def check_inputs(name: str, x, num_tasks: Optional[int], dtype: Optional[torch.d
     return T
 
 
-def batched_grads(params: Params, expand: Tuple[int, ...], create_graph: bool,
-                  total: Callable[[Params], Tensor], at: int = 0) -> Params:
+def batched_grads(params: Params, create_graph: bool, total: Callable[[Params], Tensor],
+                  shared_rows: Optional[int] = None) -> Params:
     """``d total / d params`` by one reverse pass of plain autograd over the batched
     tensors (the forward is vmapped; the backward is not, so it dispatches each op once
     on the whole batch instead of through torch.func's per-level wrappers).
 
     ``total`` sums independent per-task (or per-node) losses, so the gradient with
     respect to batched parameters ``[N, *shape]`` is every task's own gradient.
-    ``expand`` inserts batch dimensions at ``at`` as stride-0 views (tasks that start
-    from one shared set of parameters get their own gradient rows without a copy).
+    ``shared_rows``: ``params`` are one unbatched set shared by that many tasks (or
+    nodes), expanded as stride-0 views so that each gets its own gradient row without
+    a copy.
     ``create_graph``: the gradients are differentiable (second order); else they are
     computed at detached parameters, with no graph, in any grad mode.
     """
@@ -187,9 +188,8 @@ def batched_grads(params: Params, expand: Tuple[int, ...], create_graph: bool,
         for p in params.values():
             if not (create_graph and p.requires_grad):
                 p = p.detach().requires_grad_()
-            if expand:
-                p = p.reshape(*p.shape[:at], *(1,) * len(expand), *p.shape[at:]).expand(
-                    *p.shape[:at], *expand, *p.shape[at:])
+            if shared_rows is not None:
+                p = p.expand(shared_rows, *p.shape)
             inputs.append(p)
         out = total(dict(zip(names, inputs)))
         grads = torch.autograd.grad(out, inputs, create_graph=create_graph, allow_unused=True)
@@ -238,8 +238,8 @@ class ModelFunctions:
         (``shared``: one set of parameters, unbatched, for every task)."""
         T = num_tasks_of(x)
         losses = self._vmap(self.task_loss(loss_fn))
-        return batched_grads(params, (T,) if shared else (), create_graph,
-                             lambda p: losses(p, x, y).sum())
+        return batched_grads(params, create_graph, lambda p: losses(p, x, y).sum(),
+                             T if shared else None)
 
     def node_grads(self, params: Params, xs: Inputs, ys: Tensor, loss_fn: LossFn,
                    shared: bool = False, create_graph: bool = False) -> Params:
@@ -248,21 +248,8 @@ class ModelFunctions:
         of their per-task gradients (the pooled gradient of TreeMAML)."""
         C = num_tasks_of(xs)
         losses = self._vmap(self.node_loss(loss_fn))
-        return batched_grads(params, (C,) if shared else (), create_graph,
-                             lambda p: losses(p, xs, ys).sum())
-
-    def grouped_grads(self, params: Params, xs: Inputs, ys: Tensor, loss_fn: LossFn,
-                      per_node: bool, create_graph: bool = False) -> Params:
-        """``{name: [G, k, *shape]}`` for G parent nodes (``params`` [G, *shape]) with k
-        children each: child j of parent g starts from the parent's parameters (a
-        stride-0 view, no copy).  Data are ``[G, k, m, n, ...]`` (``per_node``: a child's
-        gradient is that of the mean loss of its m tasks) or ``[G, k, n, ...]`` (one task
-        per child)."""
-        k = as_tuple(xs)[0].shape[1]
-        one = self.node_loss(loss_fn) if per_node else self.task_loss(loss_fn)
-        losses = self._vmap(self._vmap(one))
-        return batched_grads(params, (k,), create_graph, lambda p: losses(p, xs, ys).sum(),
-                             at=1)
+        return batched_grads(params, create_graph, lambda p: losses(p, xs, ys).sum(),
+                             C if shared else None)
 
     def weighted_node_grads(self, params: Params, xs: Inputs, ys: Tensor, weights: Tensor,
                             loss_fn: LossFn, shared: bool = False,
@@ -275,7 +262,7 @@ class ModelFunctions:
         def total(p):
             out = losses(p, xs, ys)
             return (out * weights.to(out.dtype)).sum()
-        return batched_grads(params, (C,) if shared else (), create_graph, total)
+        return batched_grads(params, create_graph, total, C if shared else None)
 
     def losses(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
                shared: bool = False) -> Tensor:

@@ -135,17 +135,6 @@ class Gradients:
         return self._run(lambda: self.fns.task_grads(params, x, y, self.loss_fn, shared,
                                                      self.create_graph), params, shared)
 
-    def per_child(self, params: Params, children: int, per_node: bool) -> Params:
-        """``{name: [G, k, *shape]}``: gradients of the k children of each of the G nodes
-        of ``params`` (rows in G * k equal blocks), each at its parent's parameters."""
-        G = next(iter(params.values())).shape[0]
-        split = (lambda t: t.reshape(G, children, -1, *t.shape[1:])) if per_node else \
-            (lambda t: t.reshape(G, children, *t.shape[1:]))
-        x = tuple(split(t) for t in self.x) if isinstance(self.x, tuple) else split(self.x)
-        y = split(self.y)
-        return self._run(lambda: self.fns.grouped_grads(params, x, y, self.loss_fn, per_node,
-                                                        self.create_graph), params, False)
-
     def per_node(self, params: Params, shared: bool, groups: int,
                  index: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Params:
         """``{name: [C, *shape]}``: node c's gradient of the (weighted) mean loss of its
@@ -193,7 +182,7 @@ class TreeSchedule:
         self.num_tasks = tree.num_tasks
         self._identity_perm = bool(torch.equal(tree.perm, torch.arange(tree.num_tasks)))
         self._plans: Dict = {}
-        self._children_of: Dict[int, Optional[int]] = {}
+        self._identity_of: Dict[int, bool] = {}
 
     def order(self, x: Inputs) -> Inputs:
         return x if self._identity_perm else take_rows(x, self.tree.perm)
@@ -233,31 +222,21 @@ class TreeSchedule:
             self._plans[key] = plan
         return self._plans[key]
 
-    def _children(self, level: int) -> Optional[int]:
-        """k when every node of level - 1 has exactly k children at ``level`` (else None)."""
-        if level not in self._children_of:
+    def _identity_parents(self, level: int) -> bool:
+        """True when every node of level - 1 has one child at ``level``, its own row
+        (MAML's flat tree); level >= 2."""
+        if level not in self._identity_of:
             parents = self.tree.parents(level)
-            C_prev = self.tree.num_clusters(level - 1) if level > 1 else 1
-            k = parents.shape[0] // C_prev
-            uniform = k * C_prev == parents.shape[0] and torch.equal(
-                parents, torch.arange(C_prev).repeat_interleave(k))
-            self._children_of[level] = k if uniform else None
-        return self._children_of[level]
+            self._identity_of[level] = (parents.shape[0] == self.tree.num_clusters(level - 1)
+                                        and torch.equal(parents, torch.arange(parents.shape[0])))
+        return self._identity_of[level]
 
     def step(self, state: NodeState, k: int, lr, grads: Gradients) -> NodeState:
         tree = self.tree
         level = min(k + 1, tree.depth)
         same = level == state.level
-        kind = self._plan(level, _device(state.params))[0]
-        children = None if state.root or same else self._children(level)
-        if children == 1:  # parents are the identity (MAML's flat tree): the nodes' own rows
-            same, children = True, None
-        if children is not None and kind in ("task", "node"):
-            # every node has `children` equal children: siblings share the parent's weights
-            g = _detach(grads.per_child(state.params, children, kind == "node"), grads.create_graph)
-            base = {n: p.unsqueeze(1) for n, p in state.params.items()}
-            out = descend(base, g, lr)
-            return NodeState({n: v.flatten(0, 1) for n, v in out.items()}, level, False)
+        if not (state.root or same) and self._identity_parents(level):
+            same = True  # the nodes' own rows: no identity gather
         if state.root:
             base, parents = state.params, None
         elif same:

@@ -143,6 +143,9 @@ def test_auto_factors_only_where_it_pays_and_meta_sgd_stays_dense():
     auto = MAML(narrow, inner_lr=0.01, inner_steps=3).factored
     assert auto.layers_for(torch.randn(16, 5, 1), [0.01] * 3) == ()
     assert auto.layers_for(torch.randn(256, 5, 1), [0.01] * 3) == ("2",)
+    # 256 tasks of 10 rows save 65536 elements: enough for second order only
+    assert auto.layers_for(torch.randn(256, 10, 1), [0.01] * 3, second_order=True) == ("2",)
+    assert auto.layers_for(torch.randn(256, 10, 1), [0.01] * 3, second_order=False) == ()
     assert MAML(narrow, factored="always").factored.layers_for(torch.randn(16, 5, 1), [0.01]) == ("0", "2", "4")
     with pytest.raises(ValueError, match="factored"):
         MAML(wide, factored="sometimes")

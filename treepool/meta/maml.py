@@ -180,15 +180,15 @@ class TreeMAML(MetaLearner):
         if first is None:
             return None
         rates = [self.inner_rate(k) for k in range(first, self.inner_steps)]
+        create_graph = torch.is_grad_enabled() and not self.first_order
         try:
-            names = self.factored.layers_for(sx, rates)
+            names = self.factored.layers_for(sx, rates, create_graph)
         except (RuntimeError, TypeError, ValueError) as error:
             probe = {n: p[None] for n, p in self.theta().items()}
             self.fns.diagnose("support_x", probe, sx, error)
             raise
         if not names:
             return None
-        create_graph = torch.is_grad_enabled() and not self.first_order
         grads = Gradients(self.fns, sx, sy, loss_fn, create_graph)
         state = schedule.start(self.theta())
         for k in range(first):

@@ -75,6 +75,35 @@ def test_factored_equals_dense(first_order, mode, tree_index):
                               first_order=first_order, factored=f),
         batch(T, tree_index))
     assert la.factored.layers_for(batch(T, 0)[0], [0.2]) == ("0", "2", "4")
+    # 'always' factors every step of these trees, the node steps above the leaves too
+    first, pools = la.schedule(tree, T).factored_phase(tree.depth + 1)
+    assert first == 0 and pools[-1] == 1 and (tree_index == 0 or pools[0] > 1)
+    rates = [la.inner_rate(k) for k in range(tree.depth + 1)]
+    assert la.factored.plan(batch(T, 0)[0], rates, pools, not first_order)[1] == 0
+    assert abs(float((a - b).detach())) <= TOL * abs(float(b.detach()))
+    for x, y in zip(ga, gb):
+        assert rel_err(x, y) <= TOL
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("labels, phase", [
+    ([[0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]], (2, [1])),  # ragged, then pairs
+    ([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]], (0, [4, 2, 1])),  # equal from the root
+    ([[0, 1, 1, 1, 1, 1, 1, 2], [0, 1, 1, 2, 2, 3, 3, 4]], None),  # the leaves' parents ragged
+])
+def test_factored_node_steps_after_any_level(first_order, labels, phase):
+    T = 8
+    tree = TaskTree.from_labels(labels)
+
+    def model():  # a LayerNorm: dense parameters inside the factored steps, pooled per node
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Linear(3, 12), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 2)).double()
+    (a, ga, la), (b, gb, _) = both(
+        model,
+        lambda m, f: TreeMAML(m, tree, inner_lr=0.2, inner_steps=tree.depth, lr_mode="per_step",
+                              first_order=first_order, factored=f),
+        batch(T, 5))
+    assert la.schedule(tree, T).factored_phase(tree.depth) == phase
     assert abs(float((a - b).detach())) <= TOL * abs(float(b.detach()))
     for x, y in zip(ga, gb):
         assert rel_err(x, y) <= TOL

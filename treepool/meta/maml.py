@@ -172,30 +172,33 @@ class TreeMAML(MetaLearner):
 
     def _factored_losses(self, schedule, sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor,
                          loss_fn: LossFn) -> Optional[Tensor]:
-        """[T] query losses with the leaf steps in factored form, or None where no layer
-        is factored (then the dense loop runs)."""
+        """[T] query losses with the trailing steps in factored form (the leaf steps, and
+        the node steps above them where that pays), or None where no layer is factored
+        (then the dense loop runs)."""
         if type(schedule) is not TreeSchedule or self.factored.mode == "never":
             return None
-        first = schedule.leaf_phase(self.inner_steps)
-        if first is None:
+        phase = schedule.factored_phase(self.inner_steps)
+        if phase is None:
             return None
+        first, pools = phase
         rates = [self.inner_rate(k) for k in range(first, self.inner_steps)]
         create_graph = torch.is_grad_enabled() and not self.first_order
         try:
-            names = self.factored.layers_for(sx, rates, create_graph)
+            names, skip = self.factored.plan(sx, rates, pools, create_graph)
         except (RuntimeError, TypeError, ValueError) as error:
             probe = {n: p[None] for n, p in self.theta().items()}
             self.fns.diagnose("support_x", probe, sx, error)
             raise
         if not names:
             return None
+        first, rates, pools = first + skip, rates[skip:], pools[skip:]
         grads = Gradients(self.fns, sx, sy, loss_fn, create_graph)
         state = schedule.start(self.theta())
         for k in range(first):
             state = schedule.step(state, k, self.inner_rate(k), grads)
         params, shared, groups = schedule.leaf_base(state)
         return self.factored.query_losses(names, params, shared, groups, sx, sy, qx, qy, rates,
-                                          loss_fn, create_graph)
+                                          pools, loss_fn, create_graph)
 
     def adapt(self, support_x: Inputs, support_y: Tensor, steps: Optional[int] = None, *,
               loss_fn: Optional[LossFn] = None, tree=None) -> Params:

@@ -26,7 +26,7 @@ TreeMAML's step (Garcia et al. 2021), for cluster c of level k with parent p(c):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -264,17 +264,21 @@ class TreeSchedule:
                    else tree.parents(level, dev))
         return pooled_update(node, g, tree.offsets(level, dev), parents, lr)
 
-    def leaf_phase(self, steps: int) -> Optional[int]:
-        """The first of the trailing steps that are per task (every cluster of their
-        level one task), or None when the loop does not end on the leaves."""
-        first = None
+    def factored_phase(self, steps: int) -> Optional[Tuple[int, List[int]]]:
+        """(first, pools): the longest run of trailing steps ``first .. steps - 1`` whose
+        levels have clusters of one size, ``pools[j]`` tasks each at step first + j (1
+        at the leaves), and whose first step starts from the root or from such a level;
+        None when the last step's level is ragged."""
+        pools: List[int] = []
         for k in reversed(range(steps)):
-            if self._plan(min(k + 1, self.tree.depth), None)[0] != "task":
+            plan = self._plan(min(k + 1, self.tree.depth), None)
+            if plan[0] not in ("task", "node"):
                 break
-            first = k
-        if first and self._plan(min(first, self.tree.depth), None)[0] not in ("task", "node"):
-            return None  # the leaves start from ragged nodes
-        return first
+            pools.insert(0, 1 if plan[0] == "task" else plan[1])
+        first = steps - len(pools)
+        if first > 0:  # step first - 1 is ragged: its level cannot be the run's base
+            first, pools = first + 1, pools[1:]
+        return (first, pools) if pools else None
 
     def leaf_base(self, state: NodeState):
         """(params, shared, groups) of the nodes the leaf phase starts from, with the

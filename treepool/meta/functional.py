@@ -169,7 +169,7 @@ def check_inputs(name: str, x, num_tasks: Optional[int], dtype: Optional[torch.d
 
 
 def batched_grads(params: Params, create_graph: bool, total: Callable[[Params], Tensor],
-                  shared_rows: Optional[int] = None) -> Params:
+                  shared_rows: Optional[int] = None, has_aux: bool = False):
     """``d total / d params`` by one reverse pass of plain autograd over the batched
     tensors (the forward is vmapped; the backward is not, so it dispatches each op once
     on the whole batch instead of through torch.func's per-level wrappers).
@@ -180,7 +180,8 @@ def batched_grads(params: Params, create_graph: bool, total: Callable[[Params], 
     nodes), expanded as stride-0 views so that each gets its own gradient row without
     a copy.
     ``create_graph``: the gradients are differentiable (second order); else they are
-    computed at detached parameters, with no graph, in any grad mode.
+    computed at detached parameters, with no graph, in any grad mode.  ``has_aux``:
+    ``total`` returns ``(scalar, aux)`` and this returns ``(grads, aux)``.
     """
     names = list(params)
     inputs = []
@@ -192,9 +193,10 @@ def batched_grads(params: Params, create_graph: bool, total: Callable[[Params], 
                 p = p.expand(shared_rows, *p.shape)
             inputs.append(p)
         out = total(dict(zip(names, inputs)))
+        out, aux = out if has_aux else (out, None)
         grads = torch.autograd.grad(out, inputs, create_graph=create_graph, allow_unused=True)
-    return {n: torch.zeros_like(p) if g is None else g
-            for n, p, g in zip(names, inputs, grads)}
+    grads = {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, inputs, grads)}
+    return (grads, aux) if has_aux else grads
 
 
 class ModelFunctions:

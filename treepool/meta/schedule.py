@@ -151,10 +151,6 @@ class Gradients:
         return self._run(fn, params, shared)
 
 
-def _detach(params: Params, create_graph: bool) -> Params:
-    return params if create_graph else {n: g.detach() for n, g in params.items()}
-
-
 def task_grads_at_nodes(state: NodeState, grads: Gradients, node_of_row) -> Tuple[Params, Params]:
     """(every task's gradient at its node's parameters, the node parameters as rows
     ``[N, *shape]``); ``node_of_row(device)`` maps each row to its node."""
@@ -164,7 +160,7 @@ def task_grads_at_nodes(state: NodeState, grads: Gradients, node_of_row) -> Tupl
     else:
         g = grads.per_task(gather(state.params, node_of_row(_device(state.params))), False)
         node = state.params
-    return _detach(g, grads.create_graph), node
+    return g, node
 
 
 class TreeSchedule:
@@ -254,7 +250,7 @@ class TreeSchedule:
         else:
             _, index, weights = plan
             g = grads.per_node(base, state.root, weights.shape[0], index, weights)
-        return NodeState(descend(base, _detach(g, grads.create_graph), lr), level, False)
+        return NodeState(descend(base, g, lr), level, False)
 
     def _kernel_step(self, state: NodeState, level: int, same: bool, lr, grads: Gradients) -> Params:
         """Per-task gradients at each task's node, pooled per cluster by tree_update."""
@@ -359,7 +355,7 @@ class SoftSchedule:
 
     def step(self, state: NodeState, k: int, lr, grads: Gradients) -> NodeState:
         a = self.tree.assignment(min(k + 1, self.tree.depth))
-        g = _detach(grads.per_task(state.params, state.root), grads.create_graph)
+        g = grads.per_task(state.params, state.root)
         base = self.task_params(state)
         out = {}
         for n, gn in g.items():

@@ -224,14 +224,14 @@ class ModelFunctions:
 
     def node_loss(self, loss_fn: LossFn) -> Callable[[Params, Inputs, Tensor], Tensor]:
         """Mean loss of a node's m tasks ([m, n, ...] data) at the node's parameters."""
-        per_task = torch.func.vmap(self.task_loss(loss_fn), in_dims=(None, 0, 0),
-                                   randomness=self.randomness)
+        per_task = self._vmap(self.task_loss(loss_fn), in_dims=(None, 0, 0))
 
         def loss(params, xs, ys):
             return per_task(params, xs, ys).mean()
         return loss
 
     def _vmap(self, fn, in_dims=0):
+        """``torch.func.vmap`` with this model's randomness."""
         return torch.func.vmap(fn, in_dims=in_dims, randomness=self.randomness)
 
     def task_grads(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
@@ -269,14 +269,11 @@ class ModelFunctions:
     def losses(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
                shared: bool = False) -> Tensor:
         """[T] losses, task t at its parameters on (x[t], y[t])."""
-        fn = torch.func.vmap(self.task_loss(loss_fn), in_dims=(None if shared else 0, 0, 0),
-                             randomness=self.randomness)
-        return fn(params, x, y)
+        return self._vmap(self.task_loss(loss_fn), (None if shared else 0, 0, 0))(params, x, y)
 
     def predict(self, params: Params, x: Inputs, shared: bool = False) -> Tensor:
         """[T, ...] outputs, task t's model on x[t]."""
-        return torch.func.vmap(self, in_dims=(None if shared else 0, 0),
-                               randomness=self.randomness)(params, x)
+        return self._vmap(self, (None if shared else 0, 0))(params, x)
 
     def diagnose(self, name: str, params: Params, x: Inputs, error: Exception) -> None:
         """Re-raise a failure of the batched call as a ValueError naming ``name`` when

@@ -376,6 +376,34 @@ def test_conv_classifier_with_cross_entropy():
     assert rel_err(got, want) <= TOL
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("flat", [True, False])
+def test_shared_step_of_a_conv_model_equals_the_autograd_pass(first_order, flat):
+    """Adapted convolutions take their shared-parameter step by vmap(grad) over unbatched
+    parameters (ModelFunctions._shared_grads); it gives the autograd pass's meta-gradient,
+    on MAML's per-task step and TreeMAML's per-node one.  A frozen convolution does not
+    switch the path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(3 * 2 * 2, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    sx = torch.randn(4, 5, 2, 6, 6, generator=g, dtype=torch.float64)
+    qx = torch.randn(4, 3, 2, 6, 6, generator=g, dtype=torch.float64)
+    sy = torch.randint(0, 3, (4, 5), generator=g)
+    qy = torch.randint(0, 3, (4, 3), generator=g)
+    tree = TaskTree.flat(4) if flat else TaskTree.from_nested([[0, 2], [1, 3]])
+    learner = TreeMAML(model, tree, inner_lr=0.4, inner_steps=2, first_order=first_order,
+                       loss_fn=F.cross_entropy, factored="never")
+    assert learner.fns.adapts_conv
+    got, = flat_grads(learner, learner.meta_loss(sx, sy, qx, qy))
+    learner.fns.adapts_conv = False
+    want, = flat_grads(learner, learner.meta_loss(sx, sy, qx, qy))
+    assert rel_err(got, want) <= TOL
+    frozen = TreeMAML(model, tree, inner_lr=0.4, loss_fn=F.cross_entropy,
+                      inner_params=lambda name: not name.startswith("0."))
+    assert not frozen.fns.adapts_conv
+
+
 def test_diverged_inner_loop_is_an_error_not_a_nan_model():
     model = make_model()
     batch = data(3)

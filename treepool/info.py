@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -35,7 +36,28 @@ def info() -> dict:
         "CUDA kernels": "compiled" if build.get("cuda") else "no",
         "CUDA architectures": build.get("cuda_archs") or "none",
         "CPU threads": torch.get_num_threads(),
+        "CPU allocator": allocator(),
     }
+
+
+_KEEP = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def allocator() -> str:
+    """Which malloc this process has, and whether glibc's is told to keep what it frees
+    (README, 'Memory allocator')."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            return f"{name} (LD_PRELOAD)"
+    libc, _ = platform.libc_ver()
+    if libc != "glibc":
+        return f"the platform's ({libc or platform.system()})"
+    kept = [f"{k}={os.environ[k]}" for k in _KEEP if k in os.environ]
+    if kept:
+        return "glibc malloc, " + " ".join(kept)
+    return ("glibc malloc, defaults: freed memory goes back to the OS and faults back in "
+            "every meta-step (README, 'Memory allocator')")
 
 
 def format_info() -> str:

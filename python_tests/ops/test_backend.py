@@ -274,7 +274,7 @@ def test_python_m_treepool_info():
     facts = _info_lines(result.stdout)
     for key in ("treepool", "torch", "python", "torch CUDA", "CUDA device", "active backend",
                 "native extension", "built against torch", "compile flags", "CPU kernels",
-                "OpenMP", "CUDA kernels", "CUDA architectures", "CPU threads"):
+                "OpenMP", "CUDA kernels", "CUDA architectures", "CPU threads", "CPU allocator"):
         assert key in facts, (key, result.stdout)
     assert facts["treepool"] == treepool.__version__
     assert facts["torch"] == torch.__version__
@@ -288,6 +288,21 @@ def test_python_m_treepool_info():
         assert facts["CUDA kernels"] == ("compiled" if build["cuda"] else "no")
         assert facts["OpenMP"] == ("yes" if build["openmp"] else "no")
     assert facts["CUDA device"] == (torch.cuda.get_device_name(0) if CUDA else "none")
+
+
+def test_info_names_the_allocator_and_glibc_settings(monkeypatch):
+    from treepool.info import allocator
+    for k in ("LD_PRELOAD", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr("platform.libc_ver", lambda: ("glibc", "2.36"))
+    assert allocator().startswith("glibc malloc, defaults")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    assert allocator() == "glibc malloc, MALLOC_TRIM_THRESHOLD_=1073741824"
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert allocator() == "jemalloc (LD_PRELOAD)"
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setattr("platform.libc_ver", lambda: ("", ""))
+    assert allocator().startswith("the platform's")
 
 
 def test_info_reports_the_env_backend_and_a_missing_extension():

@@ -256,28 +256,27 @@ class ModelFunctions:
         with torch.no_grad():
             return grads({n: p.detach() for n, p in params.items()}, x, y)
 
+    def _batch_grads(self, loss, params: Params, x: Inputs, y: Tensor, shared: bool,
+                     create_graph: bool) -> Params:
+        """Gradients of ``loss(params_i, x[i], y[i])`` for every i of the batch."""
+        if shared and self.adapts_conv:
+            return self._shared_grads(loss, params, x, y, create_graph)
+        losses = self._vmap(loss)
+        return batched_grads(params, create_graph, lambda p: losses(p, x, y).sum(),
+                             num_tasks_of(x) if shared else None)
+
     def task_grads(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
                    shared: bool = False, create_graph: bool = False) -> Params:
         """``{name: [T, *shape]}``: each task's gradient at its own parameters
         (``shared``: one set of parameters, unbatched, for every task)."""
-        if shared and self.adapts_conv:
-            return self._shared_grads(self.task_loss(loss_fn), params, x, y, create_graph)
-        T = num_tasks_of(x)
-        losses = self._vmap(self.task_loss(loss_fn))
-        return batched_grads(params, create_graph, lambda p: losses(p, x, y).sum(),
-                             T if shared else None)
+        return self._batch_grads(self.task_loss(loss_fn), params, x, y, shared, create_graph)
 
     def node_grads(self, params: Params, xs: Inputs, ys: Tensor, loss_fn: LossFn,
                    shared: bool = False, create_graph: bool = False) -> Params:
         """``{name: [C, *shape]}``: for every node c, the gradient of the mean loss of its
         tasks (data ``[C, m, n, ...]``) at the node's parameters, which equals the mean
         of their per-task gradients (the pooled gradient of TreeMAML)."""
-        if shared and self.adapts_conv:
-            return self._shared_grads(self.node_loss(loss_fn), params, xs, ys, create_graph)
-        C = num_tasks_of(xs)
-        losses = self._vmap(self.node_loss(loss_fn))
-        return batched_grads(params, create_graph, lambda p: losses(p, xs, ys).sum(),
-                             C if shared else None)
+        return self._batch_grads(self.node_loss(loss_fn), params, xs, ys, shared, create_graph)
 
     def weighted_node_grads(self, params: Params, xs: Inputs, ys: Tensor, weights: Tensor,
                             loss_fn: LossFn, shared: bool = False,

@@ -55,8 +55,13 @@ def meta_grads(learner: nn.Module, model: nn.Module) -> Dict[str, Tensor]:
 
 
 def describe() -> str:
-    """Which treepool is measured: where it was imported from, and whether its native
-    ops are built (without them every op runs the pure-PyTorch reference)."""
+    """Which treepool is measured: where it was imported from, whether its native ops
+    are built (without them every op runs the pure-PyTorch reference), and the process's
+    CPU allocator where this treepool can tell (README, 'Memory allocator')."""
     native = "built" if treepool.native_available() else "NOT built (reference ops)"
     where = os.path.dirname(treepool.__file__)
-    return f"treepool {treepool.__version__} from {where}, native ops {native}"
+    text = f"treepool {treepool.__version__} from {where}, native ops {native}"
+    from treepool import info
+    if hasattr(info, "allocator"):  # glibc's defaults cost the baselines up to 30%: say which
+        text += f"; CPU allocator: {info.allocator()}"
+    return text

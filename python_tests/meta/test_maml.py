@@ -404,6 +404,35 @@ def test_shared_step_of_a_conv_model_equals_the_autograd_pass(first_order, flat)
     assert not frozen.fns.adapts_conv
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("per_step", [False, True])
+def test_one_input_and_one_output_linears_equal_the_loop(first_order, per_step):
+    """Linear layers with one input or one output feature run as elementwise ops under
+    the learners (functional._ThinLinears): the meta-gradient of a 1-h-h-1 net, one
+    thin layer without a bias, equals the per-task loop on MAML's per-task steps and
+    TreeMAML's per-node ones, and the path with the bmm of F.linear."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
+                          nn.Linear(4, 1, bias=False)).double()
+    g = torch.Generator().manual_seed(4)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    batch = (r(4, 3, 1), r(4, 3, 1), r(4, 5, 1), r(4, 5, 1))
+    lr_mode = "per_step" if per_step else "fixed"
+    maml = MAML(model, inner_lr=0.3, inner_steps=2, first_order=first_order, lr_mode=lr_mode)
+    assert maml.fns.thin_linears
+    check_against_oracle(maml, model, [list(range(4))], batch, first_order)
+    labels = [[0, 1, 0, 1], [0, 1, 2, 3]]
+    tree = TreeMAML(model, TaskTree.from_labels(labels), inner_lr=0.3, inner_steps=2,
+                    first_order=first_order, lr_mode=lr_mode, factored="never")
+    check_against_oracle(tree, model, labels, batch, first_order)
+    for learner in (maml, tree):
+        got = flat_grads(learner, learner.meta_loss(*batch))
+        learner.fns.thin_linears = False
+        want = flat_grads(learner, learner.meta_loss(*batch))
+        assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))
+    assert not MAML(nn.Linear(2, 3).double(), inner_lr=0.1).fns.thin_linears
+
+
 def test_diverged_inner_loop_is_an_error_not_a_nan_model():
     model = make_model()
     batch = data(3)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batched_mlp import BatchedMLP
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Params = Dict[str, Tensor]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
@@ -254,6 +256,8 @@ class ModelFunctions:
         # (see _ThinLinears)
         self.thin_linears = any(isinstance(m, nn.Linear) and 1 in (m.in_features, m.out_features)
                                 for m in model.modules())
+        # a plain sequential MLP runs as batched products, without vmap (BatchedMLP)
+        self.mlp = BatchedMLP.of(model)
 
     def __call__(self, params: Params, x: Inputs) -> Tensor:
         with _ThinLinears() if self.thin_linears else contextlib.nullcontext():
@@ -292,48 +296,67 @@ class ModelFunctions:
         with torch.no_grad():
             return grads({n: p.detach() for n, p in params.items()}, x, y)
 
-    def _batch_grads(self, loss, params: Params, x: Inputs, y: Tensor, shared: bool,
-                     create_graph: bool) -> Params:
-        """Gradients of ``loss(params_i, x[i], y[i])`` for every i of the batch."""
-        if shared and self.adapts_conv:
+    def _losses(self, loss_fn: LossFn, params: Params, x: Inputs, y: Tensor, lead: int,
+                depth: int) -> Tensor:
+        """The loss of every task, ``[*x.shape[:depth]]``: x and y hold ``depth`` leading
+        task dimensions (1: ``[T]``; 2: ``[C, m]``, the m tasks of node c), ``params``
+        ``lead`` of them (0: one set for all; 1: a set per row of the first).  A plain
+        sequential MLP runs as batched products (:class:`BatchedMLP`), any other model
+        through vmap."""
+        if self.mlp is not None and not isinstance(x, (tuple, list)) and self.mlp.usable():
+            per_task = loss_fn
+            for _ in range(depth):
+                per_task = self._vmap(per_task)
+            return per_task(self.mlp(params, x, lead), y)
+        fn = self.task_loss(loss_fn)
+        for level in range(depth):
+            fn = self._vmap(fn, in_dims=(0 if level >= depth - lead else None, 0, 0))
+        return fn(params, x, y)
+
+    def _batch_grads(self, loss_fn: LossFn, params: Params, x: Inputs, y: Tensor, shared: bool,
+                     create_graph: bool, depth: int, weights: Optional[Tensor] = None) -> Params:
+        """Gradients, per row of the batch, of the (weighted) mean loss of its tasks."""
+        if shared and self.adapts_conv and weights is None:
+            loss = self.task_loss(loss_fn) if depth == 1 else self.node_loss(loss_fn)
             return self._shared_grads(loss, params, x, y, create_graph)
-        losses = self._vmap(loss)
-        return batched_grads(params, create_graph, lambda p: losses(p, x, y).sum(),
-                             num_tasks_of(x) if shared else None)
+
+        def total(p):
+            out = self._losses(loss_fn, p, x, y, 1, depth)
+            if weights is not None:
+                return (out * weights.to(out.dtype)).sum()
+            return (out.mean(1) if depth == 2 else out).sum()
+        return batched_grads(params, create_graph, total, num_tasks_of(x) if shared else None)
 
     def task_grads(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
                    shared: bool = False, create_graph: bool = False) -> Params:
         """``{name: [T, *shape]}``: each task's gradient at its own parameters
         (``shared``: one set of parameters, unbatched, for every task)."""
-        return self._batch_grads(self.task_loss(loss_fn), params, x, y, shared, create_graph)
+        return self._batch_grads(loss_fn, params, x, y, shared, create_graph, depth=1)
 
     def node_grads(self, params: Params, xs: Inputs, ys: Tensor, loss_fn: LossFn,
                    shared: bool = False, create_graph: bool = False) -> Params:
         """``{name: [C, *shape]}``: for every node c, the gradient of the mean loss of its
         tasks (data ``[C, m, n, ...]``) at the node's parameters, which equals the mean
         of their per-task gradients (the pooled gradient of TreeMAML)."""
-        return self._batch_grads(self.node_loss(loss_fn), params, xs, ys, shared, create_graph)
+        return self._batch_grads(loss_fn, params, xs, ys, shared, create_graph, depth=2)
 
     def weighted_node_grads(self, params: Params, xs: Inputs, ys: Tensor, weights: Tensor,
                             loss_fn: LossFn, shared: bool = False,
                             create_graph: bool = False) -> Params:
         """:meth:`node_grads` of ``sum_j weights[c, j] * L_j`` (``weights`` [C, m]; zero
         for the padding rows of a ragged node)."""
-        C = num_tasks_of(xs)
-        losses = self._vmap(self._vmap(self.task_loss(loss_fn), in_dims=(None, 0, 0)))
-
-        def total(p):
-            out = losses(p, xs, ys)
-            return (out * weights.to(out.dtype)).sum()
-        return batched_grads(params, create_graph, total, C if shared else None)
+        return self._batch_grads(loss_fn, params, xs, ys, shared, create_graph, depth=2,
+                                 weights=weights)
 
     def losses(self, params: Params, x: Inputs, y: Tensor, loss_fn: LossFn,
                shared: bool = False) -> Tensor:
         """[T] losses, task t at its parameters on (x[t], y[t])."""
-        return self._vmap(self.task_loss(loss_fn), (None if shared else 0, 0, 0))(params, x, y)
+        return self._losses(loss_fn, params, x, y, 0 if shared else 1, 1)
 
     def predict(self, params: Params, x: Inputs, shared: bool = False) -> Tensor:
         """[T, ...] outputs, task t's model on x[t]."""
+        if self.mlp is not None and not isinstance(x, (tuple, list)) and self.mlp.usable():
+            return self.mlp(params, x, 0 if shared else 1)
         return self._vmap(self, (None if shared else 0, 0))(params, x)
 
     def diagnose(self, name: str, params: Params, x: Inputs, error: Exception) -> None:

@@ -1,0 +1,133 @@
+"""BatchedMLP (a plain sequential MLP on batched parameters without vmap) against
+vmap(functional_call) of the same model, and the learners' meta-gradients with and
+without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from treepool import MAML, TaskTree, TreeMAML
+from treepool.meta.batched_mlp import BatchedMLP
+from treepool.meta.functional import ModelFunctions
+
+from .test_maml import TOL, flat_grads, rel_err
+
+ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.Identity]
+
+
+@st.composite
+def mlps(draw):
+    widths = draw(st.lists(st.sampled_from([1, 2, 3, 5]), min_size=2, max_size=4))
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=draw(st.booleans())))
+        if i < len(widths) - 2:
+            layers.append(draw(st.sampled_from(ACTIVATIONS))())
+    nested = draw(st.booleans()) and len(layers) > 2
+    model = nn.Sequential(layers[0], nn.Sequential(*layers[1:])) if nested else nn.Sequential(*layers)
+    return model, widths
+
+
+@given(case=mlps(), B=st.integers(1, 4), rows=st.sampled_from([(), (1,), (3,), (2, 3)]),
+       lead=st.sampled_from([0, 1]), dtype=st.sampled_from([torch.float32, torch.float64]),
+       adapt=st.sampled_from(["all", "weights", "biases", "first"]), seed=st.integers(0, 1000))
+def test_batched_mlp_equals_vmap_of_the_model(case, B, rows, lead, dtype, adapt, seed):
+    """Outputs and their gradients (with respect to the batched parameters and the
+    input) equal vmap(functional_call), for unbatched (lead 0) and per-row (lead 1)
+    parameters, any adapted subset, per-task inputs of rank 1 to 3, nested Sequentials
+    and layers with one input or one output feature."""
+    model, widths = case
+    model = model.to(dtype)
+    torch.manual_seed(seed)
+    mlp = BatchedMLP.of(model)
+    assert mlp is not None and mlp.usable()
+    names = [n for n, _ in model.named_parameters()
+             if adapt == "all" or (adapt == "weights" and n.endswith("weight"))
+             or (adapt == "biases" and n.endswith("bias")) or (adapt == "first" and n.startswith("0."))]
+    params = {n: (p.detach().clone() if lead == 0 else torch.randn(B, *p.shape, dtype=dtype))
+              .requires_grad_() for n, p in model.named_parameters() if n in names}
+    x = torch.randn(B, *rows, widths[0], dtype=dtype, requires_grad=True)
+    got = mlp(params, x, lead)
+    if lead == 1 and len(rows) == 2:   # a node's tasks share the node's parameters
+        per_node = torch.func.vmap(lambda p, xt: torch.func.functional_call(model, p, (xt,)),
+                                   in_dims=(None, 0))
+        want = torch.func.vmap(per_node)(params, x)
+    else:
+        call = lambda p, xt: torch.func.functional_call(model, p, (xt,))  # noqa: E731
+        want = torch.func.vmap(call, in_dims=(None if lead == 0 else 0, 0))(params, x)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.shape == want.shape == (B, *rows, widths[-1])
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    probe = torch.randn_like(want)
+    inputs = [x, *params.values()]
+    g_got = torch.autograd.grad((got * probe).sum(), inputs, allow_unused=True)
+    g_want = torch.autograd.grad((want * probe).sum(), inputs, allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_only_plain_sequential_mlps_are_batched():
+    assert BatchedMLP.of(nn.Linear(3, 2)) is not None
+    assert BatchedMLP.of(nn.Sequential(nn.Linear(3, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 1)))) is not None
+    for model in [nn.Sequential(nn.Linear(3, 2), nn.PReLU()),          # a parameter
+                  nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)),     # randomness
+                  nn.Sequential(nn.Flatten(), nn.Linear(3, 2)),        # not elementwise
+                  nn.Sequential(nn.ReLU()),                            # no linear layer
+                  nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2)),
+                  nn.Conv1d(1, 1, 1)]:
+        assert BatchedMLP.of(model) is None, model
+
+    class Custom(nn.Linear):
+        pass
+    assert BatchedMLP.of(nn.Sequential(Custom(3, 2))) is None
+
+
+def test_hooks_send_the_model_through_vmap():
+    """A hook registered after the learner is built runs: the batched path steps aside."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    fns = ModelFunctions(model, [n for n, _ in model.named_parameters()])
+    params = {n: p.detach().expand(4, *p.shape) for n, p in model.named_parameters()}
+    x, y = torch.randn(4, 5, 2), torch.randn(4, 5, 1)
+    before = fns.losses(params, x, y, F.mse_loss)
+    calls = []
+    handle = model[2].register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
+    try:
+        assert not fns.mlp.usable()
+        doubled = fns.losses(params, x, y, F.mse_loss)
+    finally:
+        handle.remove()
+    assert calls and fns.mlp.usable()
+    want = torch.stack([F.mse_loss(2 * model(x[t]), y[t]) for t in range(4)])
+    torch.testing.assert_close(doubled, want)
+    assert not torch.allclose(before, doubled)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_learners_meta_gradient_is_the_same_without_the_batched_mlp(first_order):
+    """MAML's per-task steps, TreeMAML's per-node steps and the ragged tree's weighted
+    node steps give the same meta-gradient with BatchedMLP as through vmap (float64)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(1, 6), nn.ReLU(), nn.Linear(6, 5), nn.Tanh(),
+                          nn.Linear(5, 1)).double()
+    g = torch.Generator().manual_seed(2)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    batch = (r(6, 4, 1), r(6, 4, 1), r(6, 3, 1), r(6, 3, 1))
+    learners = [MAML(model, inner_lr=0.2, inner_steps=2, first_order=first_order),
+                TreeMAML(model, TaskTree.from_labels([[0, 0, 0, 1, 1, 1]]), inner_lr=0.2,
+                         inner_steps=2, first_order=first_order, factored="never"),
+                TreeMAML(model, TaskTree.from_labels([[0, 0, 0, 0, 1, 2]]), inner_lr=0.2,
+                         inner_steps=2, first_order=first_order, factored="never")]
+    for learner in learners:
+        assert learner.fns.mlp is not None
+        got = flat_grads(learner, learner.meta_loss(*batch))
+        learner.fns.mlp = None
+        want = flat_grads(learner, learner.meta_loss(*batch))
+        assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))

@@ -131,3 +131,25 @@ def test_learners_meta_gradient_is_the_same_without_the_batched_mlp(first_order)
         learner.fns.mlp = None
         want = flat_grads(learner, learner.meta_loss(*batch))
         assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("labels", [[[0] * 8], [[0, 0, 0, 0, 1, 1, 1, 1]],
+                                    [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]],
+                                    [[0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]]])
+def test_factored_leaves_are_the_same_without_the_batched_mlp(first_order, labels):
+    """The factored leaf phase (factored.FactoredLinears) on BatchedMLP equals its
+    vmapped form: at shared parameters (flat tree, or node steps from the root) and at
+    nodes' weights shared by blocks of tasks (after a ragged level) (float64)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(2, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(),
+                          nn.Linear(6, 1)).double()
+    g = torch.Generator().manual_seed(6)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    batch = (r(8, 3, 2), r(8, 3, 1), r(8, 4, 2), r(8, 4, 1))
+    learner = TreeMAML(model, TaskTree.from_labels(labels), inner_lr=0.2, inner_steps=3,
+                       first_order=first_order, lr_mode="per_step", factored="always")
+    got = flat_grads(learner, learner.meta_loss(*batch))
+    learner.fns.mlp = None
+    want = flat_grads(learner, learner.meta_loss(*batch))
+    assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))

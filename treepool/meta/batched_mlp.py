@@ -22,7 +22,7 @@ vmap).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,14 +75,19 @@ class BatchedMLP:
             return False
         return not any(_hooked(m) for m in self.model.modules())
 
-    def __call__(self, params: Dict[str, Tensor], x: Tensor, lead: int) -> Tensor:
+    def __call__(self, params: Dict[str, Tensor], x: Tensor, lead: int,
+                 linears: Optional[Dict[str, Callable[[Tensor], Tensor]]] = None) -> Tensor:
         """The outputs for ``x`` ``[B, *rest]`` with the adapted ``params`` batched over
         ``lead`` (0 or 1) leading dimensions: unbatched (every row of ``x`` uses the
         same parameters) or ``[B, *shape]``, each parameter row owning its block of x
-        (any further leading dims of x, e.g. the tasks of a node, share it)."""
+        (any further leading dims of x, e.g. the tasks of a node, share it).
+        ``linears``: the batched forward of some linear layers, by name (the factored
+        layers of :mod:`treepool.meta.factored`)."""
         h = x
         for name, m in self.layers:
-            if type(m) is nn.Linear:
+            if linears and name in linears:
+                h = linears[name](h)
+            elif type(m) is nn.Linear:
                 prefix = f"{name}." if name else ""
                 h = _linear(h, params.get(f"{prefix}weight", m.weight),
                             params.get(f"{prefix}bias", m.bias), lead)

@@ -29,6 +29,7 @@ costs 1.1-1.3x the dense one with 16 tasks and 0.43-0.92x with 256, whatever the
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -252,7 +253,8 @@ class FactoredLinears:
             with self._active(layers_of(task, node)):
                 return loss_fn(self.fns(task["dense"], task["x"]), task["y"])
 
-        support = self._batched(support_loss, shared)
+        direct = None if isinstance(sx, (tuple, list)) else self._direct(names, lead, loss_fn)
+        support = direct or self._batched(support_loss, shared)
         # first order: the factors and the node weights are constants of the inner steps
         keep = (lambda t: t) if create_graph else (lambda t: t.detach())
         for lr, m in zip(rates, pools):
@@ -289,7 +291,40 @@ class FactoredLinears:
                     biases[n] = biases[n] - b_rate * a.sum(-2)
         task = {"dense": dense, "bias": biases, "A": a_terms, "B": b_terms,
                 "x": data[2], "y": data[3]}
+        if direct is not None:
+            return direct(task, weights)[0].reshape(-1)
         return self._batched(query_loss, shared)(task, weights).reshape(-1)
+
+    def _direct(self, names: Sequence[str], lead: Tuple[int, ...], loss_fn: LossFn):
+        """``fn(task, node) -> (losses, inputs)`` like the vmapped support loss, for a
+        plain sequential MLP run as batched products without vmap (BatchedMLP): the
+        per-task tensors of ``task`` (leading dims ``lead``) are taken as ``[T, ...]``;
+        a factored layer computes ``x W^T - (x B^T) A + b (+ probe)`` by batched
+        products, each node's W shared by its block of tasks.  None for other models."""
+        mlp = self.fns.mlp
+        if mlp is None or not mlp.usable():
+            return None
+        T = math.prod(lead)
+
+        def flat(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.reshape(T, *t.shape[len(lead):])
+
+        def run(task, node):
+            seen: Dict[str, Tensor] = {}
+            probes = task.get("probe", {})
+
+            def factored(name):
+                def forward(h: Tensor) -> Tensor:
+                    seen[name] = h.reshape(*lead, *h.shape[1:])
+                    return _factored_linear(h, node[name], flat(task["bias"].get(name)),
+                                            flat(task["A"].get(name)), flat(task["B"].get(name)),
+                                            flat(probes.get(name)))
+                return forward
+            dense = {k: flat(v) for k, v in task["dense"].items()}
+            out = mlp(dense, flat(task["x"]), 1, {n: factored(n) for n in names})
+            losses = torch.func.vmap(loss_fn)(out, flat(task["y"]))
+            return losses.reshape(lead), seen
+        return run
 
     def _batched(self, fn, shared: bool):
         """``fn(task, node)`` over every task: ``task`` holds per-task tensors, ``node``
@@ -298,6 +333,28 @@ class FactoredLinears:
         if shared:
             return inner
         return torch.func.vmap(inner, in_dims=(0, 0), randomness=self.fns.randomness)
+
+
+def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
+                     b: Optional[Tensor], probe: Optional[Tensor]) -> Tensor:
+    """A factored layer on every task's input ``h`` [T, ..., in]: ``h W^T - (h B^T) A
+    + bias + probe`` with the node weight W unbatched or ``[groups, out, in]`` (node g
+    owning the g-th block of T / groups tasks), the per-task A [T, R, out] (rates
+    included), B [T, R, in], bias [T, out] and probe [T, ..., out]."""
+    T, in_features = h.shape[0], h.shape[-1]
+    rows = h.reshape(T, -1, in_features)
+    if weight.dim() == 2:
+        z = F.linear(rows, weight)
+    else:
+        groups = weight.shape[0]
+        z = torch.bmm(rows.reshape(groups, -1, in_features), weight.transpose(1, 2))
+        z = z.reshape(T, rows.shape[1], -1)
+    if a is not None:
+        z = z - torch.bmm(torch.bmm(rows, b.transpose(1, 2)), a)
+    if bias is not None:
+        z = z + bias.unsqueeze(1)
+    z = z.reshape(*h.shape[:-1], z.shape[-1])
+    return z if probe is None else z + probe
 
 
 def _blocks(x: Inputs, groups: int) -> Inputs:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from treepool import MAML, TaskTree, TreeMAML
-from treepool.meta.batched_mlp import BatchedMLP
+from treepool.meta.batched_mlp import BatchedMLP, per_task_losses
 from treepool.meta.functional import ModelFunctions
 
 from .test_maml import TOL, flat_grads, rel_err
@@ -153,3 +153,34 @@ def test_factored_leaves_are_the_same_without_the_batched_mlp(first_order, label
     learner.fns.mlp = None
     want = flat_grads(learner, learner.meta_loss(*batch))
     assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_per_task_losses_equal_the_vmapped_loss(depth):
+    """The mean squared error as one elementwise loss and a mean per task equals
+    vmap(F.mse_loss), values and second derivatives; other losses, and an MSE of
+    broadcast shapes, go through vmap."""
+    g = torch.Generator().manual_seed(8)
+    out = torch.randn(3, 2, 4, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    out = out if depth == 2 else out.reshape(6, 4, 1)
+    y = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    vmapped = F.mse_loss
+    for _ in range(depth):
+        vmapped = torch.func.vmap(vmapped)
+    got, want = per_task_losses(F.mse_loss, out, y, depth), vmapped(out, y)
+    assert got.shape == out.shape[:depth]
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    g1, = torch.autograd.grad((got * w).sum(), out, create_graph=True)
+    g2, = torch.autograd.grad((want * w).sum(), out, create_graph=True)
+    torch.testing.assert_close(g1, g2, rtol=1e-14, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(g1.pow(2).sum(), out)[0],
+                               torch.autograd.grad(g2.pow(2).sum(), out)[0], rtol=1e-13, atol=0)
+    huber = per_task_losses(F.huber_loss, out, y, depth)
+    torch.testing.assert_close(huber, torch.stack([F.huber_loss(o, t) for o, t in
+                                                   zip(out.reshape(-1, 4, 1), y.reshape(-1, 4, 1))])
+                               .reshape(out.shape[:depth]))
+    flat_y = y.squeeze(-1)   # [.., 4] against [.., 4, 1]: F.mse_loss broadcasts per task
+    with pytest.warns(UserWarning):
+        torch.testing.assert_close(per_task_losses(F.mse_loss, out, flat_y, depth),
+                                   vmapped(out, flat_y))

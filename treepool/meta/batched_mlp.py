@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BatchedMLP"]
+__all__ = ["BatchedMLP", "per_task_losses"]
 
 # elementwise activations without parameters: applied to the batch as they are
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -124,3 +124,15 @@ def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Ten
 def _add_rowwise(z: Tensor, bias: Tensor) -> Tensor:
     """z [B, ..., out] + bias [B, out], row b of the bias added to block b of z."""
     return z + bias.reshape(bias.shape[0], *([1] * (z.dim() - 2)), bias.shape[1])
+
+
+def per_task_losses(loss_fn, out: Tensor, y: Tensor, depth: int) -> Tensor:
+    """``loss_fn(out[i], y[i])`` for every index i of the ``depth`` leading dims: one
+    ``F.mse_loss(reduction='none')`` and a mean per task for the mean squared error of
+    equal shapes, else ``loss_fn`` under vmap (whose fixed cost, ~33 us a level, is
+    what BatchedMLP saves)."""
+    if loss_fn is F.mse_loss and out.shape == y.shape:
+        return F.mse_loss(out, y, reduction="none").flatten(depth).mean(-1)
+    for _ in range(depth):
+        loss_fn = torch.func.vmap(loss_fn)
+    return loss_fn(out, y)

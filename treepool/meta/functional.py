@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batched_mlp import BatchedMLP
+from .batched_mlp import BatchedMLP, per_task_losses
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Params = Dict[str, Tensor]
@@ -304,10 +304,7 @@ class ModelFunctions:
         sequential MLP runs as batched products (:class:`BatchedMLP`), any other model
         through vmap."""
         if self.mlp is not None and not isinstance(x, (tuple, list)) and self.mlp.usable():
-            per_task = loss_fn
-            for _ in range(depth):
-                per_task = self._vmap(per_task)
-            return per_task(self.mlp(params, x, lead), y)
+            return per_task_losses(loss_fn, self.mlp(params, x, lead), y, depth)
         fn = self.task_loss(loss_fn)
         for level in range(depth):
             fn = self._vmap(fn, in_dims=(0 if level >= depth - lead else None, 0, 0))

@@ -108,6 +108,15 @@ def test_hooks_send_the_model_through_vmap():
     want = torch.stack([F.mse_loss(2 * model(x[t]), y[t]) for t in range(4)])
     torch.testing.assert_close(doubled, want)
     assert not torch.allclose(before, doubled)
+    for register in (lambda: model[1].register_full_backward_hook(lambda *args: None),
+                     lambda: nn.modules.module.register_module_forward_hook(lambda *args: None),
+                     lambda: model[0].register_forward_pre_hook(lambda *args: None)):
+        handle = register()
+        try:
+            assert not fns.mlp.usable()
+        finally:
+            handle.remove()
+        assert fns.mlp.usable()
 
 
 @pytest.mark.parametrize("first_order", [False, True])

@@ -45,10 +45,12 @@ def _flatten(model: nn.Module, prefix: str, out: List[Tuple[str, nn.Module]]) ->
     return False
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether calling the module would run more than its class's forward."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or "forward" in module.__dict__)
+    return "forward" in module.__dict__ or any(getattr(module, h, None) for h in _HOOKS)
 
 
 class BatchedMLP:
@@ -71,7 +73,7 @@ class BatchedMLP:
         would make the module's call differ from the batched layers, or while global
         module hooks are set."""
         from torch.nn.modules import module as module_impl
-        if (module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks):
+        if any(getattr(module_impl, f"_global{h}", None) for h in _HOOKS):
             return False
         return not any(_hooked(m) for m in self.model.modules())
 

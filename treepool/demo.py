@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .info import allocator, keep_freed_memory
 from .meta import MAML, LearnedTreeMAML, Reptile, TreeMAML
 from .tree import TaskTree
 
@@ -355,6 +356,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the ops are too small to gain from more)")
     parser.add_argument("--first-order", action="store_true", help="first-order MAML / TreeMAML")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="tell glibc's malloc to keep freed memory (default; see README, "
+                             "'Memory allocator'): the large tensors of every meta-step "
+                             "then stop faulting their pages back in")
     parser.add_argument("--quick", action="store_true",
                         help="tiny configuration for tests (a few seconds)")
     parser.add_argument("--scales", type=float, nargs=4, default=None,
@@ -385,9 +390,12 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if getattr(args, "keep_freed_memory", False):
+        keep_freed_memory()   # this process is the demo's own: see the README
     start = time.perf_counter()
     results = run_demo(cfg)
     print(format_table(results, cfg))
+    print(f"CPU allocator: {allocator()}")
     print()
     names = list(results)
     if "TreeMAML" in results and "MAML" in results:

@@ -53,7 +53,8 @@ def test_cli_quick(tmp_path):
                            "--plot", str(tmp_path / "curves.png")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for name in ("MAML", "TreeMAML", "Learned TreeMAML", "Reptile", "final query MSE", "total wall time"):
+    for name in ("MAML", "TreeMAML", "Learned TreeMAML", "Reptile", "final query MSE", "total wall time",
+                 "CPU allocator"):
         assert name in proc.stdout
     # stderr is a pipe here, not a terminal: no progress bar, no escape codes
     assert "\r" not in proc.stderr and "\x1b" not in proc.stderr and "step" not in proc.stderr

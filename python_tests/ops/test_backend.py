@@ -305,6 +305,26 @@ def test_info_names_the_allocator_and_glibc_settings(monkeypatch):
     assert allocator().startswith("the platform's")
 
 
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_sets_glibc_and_respects_the_environment():
+    """keep_freed_memory (the demo's allocator setting) takes effect through mallopt and
+    says so in 'python -m treepool info'; it leaves alone a process whose environment
+    chose already (MALLOC_* settings, an allocator under LD_PRELOAD)."""
+    code = """
+        from treepool.info import allocator, keep_freed_memory
+        print(keep_freed_memory(), allocator())
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_TRIM_THRESHOLD_",
+                                                          "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")}
+    for extra, want in [({}, "True glibc malloc, keeps freed memory"),
+                        ({"MALLOC_TOP_PAD_": "0"}, "False glibc malloc, MALLOC_TOP_PAD_=0"),
+                        ({"LD_PRELOAD": "libjemalloc.so.2"}, "False jemalloc (LD_PRELOAD)")]:
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                             text=True, env={**env, **extra}, cwd=REPO, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(want), (extra, out.stdout)
+
+
 def test_info_reports_the_env_backend_and_a_missing_extension():
     result = python("", env_backend="reference", args=("info",))
     assert result.returncode == 0, result.stderr

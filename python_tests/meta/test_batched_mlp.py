@@ -119,6 +119,22 @@ def test_hooks_send_the_model_through_vmap():
         assert fns.mlp.usable()
 
 
+def float64_batch(T, d, seed):
+    """(support_x, support_y, query_x, query_y) of T tasks, d input features, 4 support
+    and 3 query points."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    return r(T, 4, d), r(T, 4, 1), r(T, 3, d), r(T, 3, 1)
+
+
+def assert_same_without_the_batched_mlp(learner, batch):
+    assert learner.fns.mlp is not None
+    got = flat_grads(learner, learner.meta_loss(*batch))
+    learner.fns.mlp = None
+    want = flat_grads(learner, learner.meta_loss(*batch))
+    assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_learners_meta_gradient_is_the_same_without_the_batched_mlp(first_order):
     """MAML's per-task steps, TreeMAML's per-node steps and the ragged tree's weighted
@@ -126,20 +142,14 @@ def test_learners_meta_gradient_is_the_same_without_the_batched_mlp(first_order)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(1, 6), nn.ReLU(), nn.Linear(6, 5), nn.Tanh(),
                           nn.Linear(5, 1)).double()
-    g = torch.Generator().manual_seed(2)
-    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    batch = (r(6, 4, 1), r(6, 4, 1), r(6, 3, 1), r(6, 3, 1))
+    batch = float64_batch(6, 1, seed=2)
     learners = [MAML(model, inner_lr=0.2, inner_steps=2, first_order=first_order),
                 TreeMAML(model, TaskTree.from_labels([[0, 0, 0, 1, 1, 1]]), inner_lr=0.2,
                          inner_steps=2, first_order=first_order, factored="never"),
                 TreeMAML(model, TaskTree.from_labels([[0, 0, 0, 0, 1, 2]]), inner_lr=0.2,
                          inner_steps=2, first_order=first_order, factored="never")]
     for learner in learners:
-        assert learner.fns.mlp is not None
-        got = flat_grads(learner, learner.meta_loss(*batch))
-        learner.fns.mlp = None
-        want = flat_grads(learner, learner.meta_loss(*batch))
-        assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))
+        assert_same_without_the_batched_mlp(learner, batch)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
@@ -153,15 +163,9 @@ def test_factored_leaves_are_the_same_without_the_batched_mlp(first_order, label
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(2, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(),
                           nn.Linear(6, 1)).double()
-    g = torch.Generator().manual_seed(6)
-    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    batch = (r(8, 3, 2), r(8, 3, 1), r(8, 4, 2), r(8, 4, 1))
     learner = TreeMAML(model, TaskTree.from_labels(labels), inner_lr=0.2, inner_steps=3,
                        first_order=first_order, lr_mode="per_step", factored="always")
-    got = flat_grads(learner, learner.meta_loss(*batch))
-    learner.fns.mlp = None
-    want = flat_grads(learner, learner.meta_loss(*batch))
-    assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))
+    assert_same_without_the_batched_mlp(learner, float64_batch(8, 2, seed=6))
 
 
 @pytest.mark.parametrize("depth", [1, 2])

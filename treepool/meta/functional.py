@@ -10,6 +10,8 @@ model's own tensor, read by ``functional_call`` from the module, so a shared
 parameter (ANIL's body) is meta-learned by ordinary autograd and a constant buffer
 just works.  BatchNorm in training mode normalises each task by its own batch
 statistics and leaves the running statistics untouched (:func:`batch_statistics`).
+A plain sequential MLP skips vmap: its layers run as batched products over the tasks
+(:mod:`treepool.meta.batched_mlp`).
 """
 
 from __future__ import annotations

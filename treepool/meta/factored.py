@@ -254,7 +254,7 @@ class FactoredLinears:
             with self._active(layers_of(task, node)):
                 return loss_fn(self.fns(task["dense"], task["x"]), task["y"])
 
-        direct = None if isinstance(sx, (tuple, list)) else self._direct(names, lead, loss_fn)
+        direct = self._direct(names, lead, sx, loss_fn)
         support = direct or self._batched(support_loss, shared)
         # first order: the factors and the node weights are constants of the inner steps
         keep = (lambda t: t) if create_graph else (lambda t: t.detach())
@@ -296,14 +296,14 @@ class FactoredLinears:
             return direct(task, weights)[0].reshape(-1)
         return self._batched(query_loss, shared)(task, weights).reshape(-1)
 
-    def _direct(self, names: Sequence[str], lead: Tuple[int, ...], loss_fn: LossFn):
+    def _direct(self, names: Sequence[str], lead: Tuple[int, ...], x: Inputs, loss_fn: LossFn):
         """``fn(task, node) -> (losses, inputs)`` like the vmapped support loss, for a
         plain sequential MLP run as batched products without vmap (BatchedMLP): the
         per-task tensors of ``task`` (leading dims ``lead``) are taken as ``[T, ...]``;
         a factored layer computes ``x W^T - (x B^T) A + b (+ probe)`` by batched
         products, each node's W shared by its block of tasks.  None for other models."""
-        mlp = self.fns.mlp
-        if mlp is None or not mlp.usable():
+        mlp = self.fns.batched_mlp(x)
+        if mlp is None:
             return None
         T = math.prod(lead)
 

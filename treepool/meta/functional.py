@@ -298,6 +298,13 @@ class ModelFunctions:
         with torch.no_grad():
             return grads({n: p.detach() for n, p in params.items()}, x, y)
 
+    def batched_mlp(self, x: Inputs) -> Optional[BatchedMLP]:
+        """The model as batched products for inputs ``x`` (one tensor), or None where it
+        must go through vmap: not a plain sequential MLP, several inputs, or a hook."""
+        if self.mlp is None or isinstance(x, (tuple, list)) or not self.mlp.usable():
+            return None
+        return self.mlp
+
     def _losses(self, loss_fn: LossFn, params: Params, x: Inputs, y: Tensor, lead: int,
                 depth: int) -> Tensor:
         """The loss of every task, ``[*x.shape[:depth]]``: x and y hold ``depth`` leading
@@ -305,8 +312,9 @@ class ModelFunctions:
         ``lead`` of them (0: one set for all; 1: a set per row of the first).  A plain
         sequential MLP runs as batched products (:class:`BatchedMLP`), any other model
         through vmap."""
-        if self.mlp is not None and not isinstance(x, (tuple, list)) and self.mlp.usable():
-            return per_task_losses(loss_fn, self.mlp(params, x, lead), y, depth)
+        mlp = self.batched_mlp(x)
+        if mlp is not None:
+            return per_task_losses(loss_fn, mlp(params, x, lead), y, depth)
         fn = self.task_loss(loss_fn)
         for level in range(depth):
             fn = self._vmap(fn, in_dims=(0 if level >= depth - lead else None, 0, 0))
@@ -354,8 +362,9 @@ class ModelFunctions:
 
     def predict(self, params: Params, x: Inputs, shared: bool = False) -> Tensor:
         """[T, ...] outputs, task t's model on x[t]."""
-        if self.mlp is not None and not isinstance(x, (tuple, list)) and self.mlp.usable():
-            return self.mlp(params, x, 0 if shared else 1)
+        mlp = self.batched_mlp(x)
+        if mlp is not None:
+            return mlp(params, x, 0 if shared else 1)
         return self._vmap(self, (None if shared else 0, 0))(params, x)
 
     def diagnose(self, name: str, params: Params, x: Inputs, error: Exception) -> None:

@@ -107,8 +107,12 @@ def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Ten
         return _add_rowwise(out, bias) if b_batched else out
     B, out_features, in_features = weight.shape
     rows = h if h.dim() == 3 else h.reshape(B, -1, in_features)
-    if h.device.type == "cpu" and in_features == 1:
-        z = rows * weight.transpose(1, 2)                  # [B, N, 1] * [B, 1, out]
+    if h.device.type == "cpu" and in_features == 1:      # [B, N, 1] * [B, 1, out] (+ b)
+        if bias is not None:
+            start = bias.unsqueeze(1) if b_batched else bias
+            z = torch.addcmul(start, rows, weight.transpose(1, 2))
+            return z if h.dim() == 3 else z.reshape(*h.shape[:-1], out_features)
+        z = rows * weight.transpose(1, 2)
     elif h.device.type == "cpu" and out_features == 1:
         z = (rows * weight).sum(-1, keepdim=True)          # [B, N, in] * [B, 1, in]
     elif b_batched:

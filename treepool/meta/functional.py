@@ -125,6 +125,8 @@ def _thin_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     as elementwise ops: ``y = x * W[:, 0] + b`` (one input: an outer product by
     broadcasting) or ``y = sum_i x_i W[0, i] + b`` (one output)."""
     if weight.shape[1] == 1:
+        if bias is not None:
+            return torch.addcmul(bias, input, weight[:, 0])
         out = input * weight[:, 0]
     else:
         out = (input * weight[0]).sum(-1, keepdim=True)

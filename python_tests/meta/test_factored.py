@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from treepool import MAML, TaskTree, TreeMAML
+from treepool.meta import factored as factored_module
 
 from .meta_oracles import rel_err
 
@@ -178,3 +179,129 @@ def test_auto_factors_only_where_it_pays_and_meta_sgd_stays_dense():
     assert MAML(narrow, factored="always").factored.layers_for(torch.randn(16, 5, 1), [0.01]) == ("0", "2", "4")
     with pytest.raises(ValueError, match="factored"):
         MAML(wide, factored="sometimes")
+
+
+# ------------------------------------------------------------- first-order in-place layers
+
+@pytest.fixture
+def in_place_everywhere(monkeypatch):
+    """'auto' keeps every eligible layer's first-order task weights in place, however small."""
+    monkeypatch.setattr(factored_module, "IN_PLACE_THRESHOLD", 0)
+
+
+def in_place_and_dense(make_model, make_learner, data):
+    """(loss, grads, learner) with 'auto' (in-place layers) and with 'never' (dense)."""
+    out = []
+    for mode in ("auto", "never"):
+        model = make_model()
+        before = [p.detach().clone() for p in model.parameters()]
+        learner = make_learner(model, mode)
+        loss = learner.meta_loss(*data)
+        out.append((loss, torch.autograd.grad(loss, list(learner.parameters())), learner))
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    return out
+
+
+def assert_same(a, ga, b, gb):
+    assert abs(float((a - b).detach())) <= TOL * abs(float(b.detach()))
+    for x, y in zip(ga, gb):
+        assert rel_err(x, y) <= TOL
+
+
+def leaf_plan(learner, tree, sx, steps):
+    first, pools = learner.schedule(tree, sx.shape[0]).factored_phase(steps)
+    rates = [learner.inner_rate(k) for k in range(first, steps)]
+    return learner.factored.plan(sx, rates, pools, second_order=not learner.first_order)
+
+
+@pytest.mark.parametrize("labels", [
+    None,                                                      # MAML: from the shared root
+    [[0, 0, 0, 0, 1, 1, 1, 1]],                                # one node level, then leaves
+    [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]],      # two node levels
+    [[0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]],      # ragged, then pairs
+    [[0] * 8, [0, 1, 2, 3, 4, 5, 6, 7]],                       # one node of all tasks
+])
+@pytest.mark.parametrize("extra_steps", [0, 1])
+def test_in_place_layers_equal_dense(in_place_everywhere, labels, extra_steps):
+    T = 8
+    tree = TaskTree.flat(T, 2) if labels is None else TaskTree.from_labels(labels)
+    steps = tree.depth + extra_steps
+    data = batch(T, 4)
+    (a, ga, la), (b, gb, _) = in_place_and_dense(
+        lambda: mlp(2),
+        lambda m, f: TreeMAML(m, tree, inner_lr=0.2, inner_steps=steps, first_order=True,
+                              factored=f),
+        data)
+    assert leaf_plan(la, tree, data[0], steps).in_place == ("0", "2", "4")
+    assert_same(a, ga, b, gb)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the same patch for all
+@given(T=st.integers(1, 6), steps=st.integers(1, 3), n=st.integers(1, 4), bias=st.booleans(),
+       width=st.integers(2, 9), seed=st.integers(0, 100))
+def test_in_place_maml_any_batch(in_place_everywhere, T, steps, n, bias, width, seed):
+    data = batch(T, seed, n=n)
+    (a, ga, la), (b, gb, _) = in_place_and_dense(
+        lambda: mlp(seed, width=width, bias=bias),
+        lambda m, f: MAML(m, inner_lr=0.3, inner_steps=steps, first_order=True, factored=f),
+        data)
+    assert la.factored.plan(data[0], [0.3] * steps, [1] * steps, False).in_place == ("0", "2", "4")
+    assert_same(a, ga, b, gb)
+
+
+def test_in_place_layers_only_where_exact_and_paying(in_place_everywhere):
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 1)
+    thin = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    fo = MAML(thin, inner_lr=0.1, inner_steps=2, first_order=True).factored
+    assert fo.plan(x, [0.1] * 2, [1, 1], False).in_place == ("2",)  # 1-feature layers stay dense
+    assert fo.plan(x, [0.1] * 2, [1, 1], True).in_place == ()  # second order
+    learned = MAML(thin, inner_lr=0.1, inner_steps=2, first_order=True, lr_mode="per_step")
+    assert learned.factored.plan(x, [learned.inner_rate(k) for k in range(2)], [1, 1],
+                                 False).in_place == ()  # a learned rate is not a constant
+    assert MAML(thin, first_order=True, factored="never").factored.plan(
+        x, [0.1], [1], False).in_place == ()
+    handle = thin[2].register_forward_hook(lambda *a: None)  # not a plain MLP: vmap, dense
+    assert fo.plan(x, [0.1] * 2, [1, 1], False).in_place == ()
+    handle.remove()
+
+
+def test_in_place_threshold():
+    narrow = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    auto = MAML(narrow, inner_lr=0.01, inner_steps=3, first_order=True).factored
+    # 256 tasks of 10 rows: not worth factoring in first order, but in place
+    assert auto.plan(torch.randn(256, 10, 1), [0.01] * 3, [1] * 3, False) == ((), 0, ("2",))
+    assert auto.plan(torch.randn(32, 10, 1), [0.01] * 3, [1] * 3, False).in_place == ()
+
+
+@pytest.mark.parametrize("groups", [0, 1, 2, 4])
+@pytest.mark.parametrize("adapted", [False, True])
+def test_in_place_linear_gradcheck(groups, adapted):
+    T, N, d_in, d_out = 4, 3, 5, 2
+    g = torch.Generator().manual_seed(groups)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    h, bias, probe = r(T, N, d_in), r(T, d_out), torch.zeros(T, N, d_out, dtype=torch.float64)
+    node = r(d_out, d_in) if groups == 0 else r(groups, d_out, d_in)
+    steps = r(T, d_out, d_in)  # D_t: the constant steps so far
+
+    def layer(h, node, bias, probe):
+        if not adapted:
+            return factored_module._InPlaceLinear.apply(h, None, node, bias, probe)
+        per_task = node.expand(T, d_out, d_in) if groups == 0 else node.repeat_interleave(T // groups, 0)
+        return factored_module._InPlaceLinear.apply(h, (per_task - steps).detach(), node, bias, probe)
+
+    inputs = [t.requires_grad_() for t in (h, node, bias, probe)]
+    assert torch.autograd.gradcheck(lambda *i: layer(*i), inputs)
+    assert torch.autograd.gradgradcheck(lambda *i: layer(*i), inputs)
+
+
+def test_descend_in_place_never_writes_the_node_weights():
+    node = torch.randn(4, 3, 2, dtype=torch.float64)
+    kept = node.clone()
+    a, b = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 5, 2, dtype=torch.float64)
+    for groups_node in (node, node[:2], node[:1]):  # 1, 2 or 4 tasks per node
+        out = factored_module._descend_in_place(None, groups_node, a, b, 4)
+        per_task = groups_node.repeat_interleave(4 // groups_node.shape[0], 0)
+        assert torch.allclose(out, per_task - a.transpose(1, 2) @ b)
+        assert torch.equal(node, kept)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from .batched_mlp import per_task_losses
 from .functional import (Inputs, LossFn, ModelFunctions, Params, as_tuple, batched_grads,
                          exact_norms)
+from .schedule import descend
 
 __all__ = ["FactoredLinears", "FACTORED_MODES"]
 
@@ -51,6 +52,18 @@ FACTORED_MODES = ("auto", "always", "never")
 # CPU (always / never): first order 1.05-1.09x at 65-77k elements, 0.73x at 102k;
 # second order 1.21x at 45k, 0.86-0.92x at 65-77k.
 FACTOR_THRESHOLD = {"first": 96_000, "second": 56_000}
+
+# 'auto' keeps a layer's first-order per-task weights and updates them in place (see
+# FactoredLinears.in_place_layers) when the T dense weights hold more elements than this.
+IN_PLACE_THRESHOLD = 250_000
+
+
+class LeafPlan(NamedTuple):
+    """How the leaf phase runs: the ``factored`` layers (low-rank terms), how many
+    leading steps of the run stay dense (``skip``), and the ``in_place`` layers."""
+    factored: Tuple[str, ...]
+    skip: int
+    in_place: Tuple[str, ...] = ()
 
 
 class _Layer:
@@ -120,8 +133,28 @@ class FactoredLinears:
                 chosen.append(name)
         return tuple(chosen)
 
+    def in_place_layers(self, x: Inputs, rates: Sequence, second_order: bool,
+                        factored: Sequence[str]) -> Tuple[str, ...]:
+        """First order only, on a plain MLP (BatchedMLP): the eligible layers besides
+        ``factored``, with scalar rates and both dimensions above 1, whose per-task
+        weights the leaf steps update in place,
+
+            W_t <- W_t - lr * A^T B        (one baddbmm_, no new [T, out, in] tensor),
+
+        the gradient of the query loss reaching the node's weight W as
+        sum_t g_t^T h_t (W_t = W minus constants, :class:`_InPlaceLinear`).  Learned
+        rates are not constants: with them the layers stay dense or factored."""
+        if second_order or self.mode != "auto" or self.fns.batched_mlp(x) is None or \
+                any(_learned(r) for r in rates):
+            return ()
+        tasks = as_tuple(x)[0].shape[0]
+        return tuple(n for n, m in self.eligible.items()
+                     if n not in factored and min(m.in_features, m.out_features) > 1
+                     and tasks * m.in_features * m.out_features > IN_PLACE_THRESHOLD
+                     and all(self.scalar_rate(r, n) for r in rates))
+
     def plan(self, x: Inputs, rates: Sequence, pools: Sequence[int],
-             second_order: bool = True) -> Tuple[Tuple[str, ...], int]:
+             second_order: bool = True) -> LeafPlan:
         """(layers, skip) for a run of trailing steps with ``pools[j]`` tasks per node at
         step j (1 for the leaf steps, which come last): the layers to factor (by
         :meth:`layers_for` on the leaf steps) and how many of the leading node steps to
@@ -135,8 +168,9 @@ class FactoredLinears:
         16-task nodes stay dense).  The steps above one that does not join stay dense."""
         node_steps = sum(1 for m in pools if m > 1)
         names = self.layers_for(x, rates[node_steps:], second_order)
+        in_place = self.in_place_layers(x, rates[node_steps:], second_order, names)
         if not names:
-            return (), len(pools)
+            return LeafPlan((), node_steps if in_place else len(pools), in_place)
         rows = self._input_rows(x)
         layers = [(self.eligible[n], rows[n]) for n in names]
         skip = node_steps
@@ -147,7 +181,7 @@ class FactoredLinears:
                     (self.mode != "always" and saved <= 0):
                 break
             skip = j
-        return names, skip
+        return LeafPlan(names, skip, in_place)
 
     @staticmethod
     def scalar_rate(rate, name: str) -> bool:
@@ -202,7 +236,8 @@ class FactoredLinears:
 
     def query_losses(self, names: Sequence[str], base: Params, shared: bool, groups: int,
                      sx: Inputs, sy: Tensor, qx: Inputs, qy: Tensor, rates: Sequence,
-                     pools: Sequence[int], loss_fn: LossFn, create_graph: bool) -> Tensor:
+                     pools: Sequence[int], loss_fn: LossFn, create_graph: bool,
+                     in_place: Sequence[str] = ()) -> Tensor:
         """[T] query losses after ``len(rates)`` steps from the node parameters ``base``
         (``shared``: one unbatched set; else ``[groups, *shape]``, node c owning the c-th
         of ``groups`` equal blocks of the T tasks).  Step j pools the gradients of blocks
@@ -217,6 +252,7 @@ class FactoredLinears:
         out_shapes = {n: shape for n, (_, shape) in self._probe_shapes(sx).items()}
         T = as_tuple(sx)[0].shape[0]
         lead = (T,) if shared else (groups, T // groups)
+        low_rank, names = tuple(names), tuple(names) + tuple(in_place)
         weights = {n: base[f"{n}.weight"] for n in names}
         factored = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
 
@@ -238,6 +274,7 @@ class FactoredLinears:
         biases = {n: per_task(base[f"{n}.bias"]) for n in names if f"{n}.bias" in base}
         a_terms: Dict[str, Tensor] = {}  # lr-scaled A of every step so far, [*lead, R, out]
         b_terms: Dict[str, Tensor] = {}  # B of every step so far, [*lead, R, in]
+        adapted: Dict[str, Tensor] = {}  # the in-place layers' task weights (constants), [T, out, in]
         data = [t if shared else _blocks(t, groups) for t in (sx, sy, qx, qy)]
 
         def layers_of(task, node, probes=None):
@@ -254,7 +291,9 @@ class FactoredLinears:
             with self._active(layers_of(task, node)):
                 return loss_fn(self.fns(task["dense"], task["x"]), task["y"])
 
-        direct = self._direct(names, lead, sx, loss_fn)
+        direct = self._direct(names, lead, sx, loss_fn, in_place)
+        if in_place and (direct is None or create_graph):
+            raise ValueError("in-place layers need first order and a plain MLP (in_place_layers)")
         support = direct or self._batched(support_loss, shared)
         # first order: the factors and the node weights are constants of the inner steps
         keep = (lambda t: t) if create_graph else (lambda t: t.detach())
@@ -264,17 +303,17 @@ class FactoredLinears:
                         "bias": {n: keep(b) for n, b in biases.items()},
                         "A": {n: keep(a) for n, a in a_terms.items()},
                         "B": {n: keep(b) for n, b in b_terms.items()},
+                        "W": adapted,
                         "probe": {n: variables[f"probe:{n}"] for n in names},
                         "x": data[0], "y": data[1]}
                 losses, seen = support(task, {n: keep(w) for n, w in weights.items()})
                 return losses.sum(), seen
-            probes = {f"probe:{n}": torch.zeros(*lead, *out_shapes[n], dtype=weights[n].dtype,
-                                                device=weights[n].device) for n in names}
+            probes = {f"probe:{n}": torch.zeros((), dtype=weights[n].dtype, device=weights[n].device)
+                      .expand(*lead, *out_shapes[n]) for n in names}  # zeros, stride 0
             with exact_norms(self.fns.model) if create_graph else contextlib.nullcontext():
                 grads, seen = batched_grads({**dense, **probes}, create_graph, total, has_aux=True)
-            for k, v in dense.items():
-                rate = lr[k] if isinstance(lr, dict) else lr
-                dense[k] = v - rate * (grads[k] if m == 1 else pooled(grads[k], m))
+            dense = descend(dense, {k: grads[k] if m == 1 else pooled(grads[k], m)
+                                    for k in dense}, lr)
             for n in names:
                 w = weights[n]
                 a = grads[f"probe:{n}"].reshape(*lead, -1, w.shape[-2])
@@ -285,23 +324,28 @@ class FactoredLinears:
                     a, b = block_rows(a / m, m), block_rows(b, m)
                 w_rate = lr[f"{n}.weight"] if isinstance(lr, dict) else lr
                 scaled = a * w_rate
-                a_terms[n] = scaled if n not in a_terms else torch.cat([a_terms[n], scaled], -2)
-                b_terms[n] = b if n not in b_terms else torch.cat([b_terms[n], b], -2)
+                if n in low_rank:
+                    a_terms[n] = scaled if n not in a_terms else torch.cat([a_terms[n], scaled], -2)
+                    b_terms[n] = b if n not in b_terms else torch.cat([b_terms[n], b], -2)
+                else:
+                    adapted[n] = _descend_in_place(adapted.get(n), w.detach(), scaled, b, T)
                 if n in biases:
                     b_rate = lr[f"{n}.bias"] if isinstance(lr, dict) else lr
                     biases[n] = biases[n] - b_rate * a.sum(-2)
-        task = {"dense": dense, "bias": biases, "A": a_terms, "B": b_terms,
+        task = {"dense": dense, "bias": biases, "A": a_terms, "B": b_terms, "W": adapted,
                 "x": data[2], "y": data[3]}
         if direct is not None:
             return direct(task, weights)[0].reshape(-1)
         return self._batched(query_loss, shared)(task, weights).reshape(-1)
 
-    def _direct(self, names: Sequence[str], lead: Tuple[int, ...], x: Inputs, loss_fn: LossFn):
+    def _direct(self, names: Sequence[str], lead: Tuple[int, ...], x: Inputs, loss_fn: LossFn,
+                in_place: Sequence[str] = ()):
         """``fn(task, node) -> (losses, inputs)`` like the vmapped support loss, for a
         plain sequential MLP run as batched products without vmap (BatchedMLP): the
         per-task tensors of ``task`` (leading dims ``lead``) are taken as ``[T, ...]``;
         a factored layer computes ``x W^T - (x B^T) A + b (+ probe)`` by batched
-        products, each node's W shared by its block of tasks.  None for other models."""
+        products, each node's W shared by its block of tasks; an ``in_place`` layer runs
+        :class:`_InPlaceLinear`.  None for other models."""
         mlp = self.fns.batched_mlp(x)
         if mlp is None:
             return None
@@ -317,9 +361,15 @@ class FactoredLinears:
             def factored(name):
                 def forward(h: Tensor) -> Tensor:
                     seen[name] = h.reshape(*lead, *h.shape[1:])
-                    return _factored_linear(h, node[name], flat(task["bias"].get(name)),
-                                            flat(task["A"].get(name)), flat(task["B"].get(name)),
-                                            flat(probes.get(name)))
+                    bias, probe = flat(task["bias"].get(name)), flat(probes.get(name))
+                    if name in in_place:
+                        rows = h.reshape(T, -1, h.shape[-1])
+                        z = _InPlaceLinear.apply(rows, task["W"].get(name), node[name], bias,
+                                                 None if probe is None else probe.reshape(
+                                                     T, rows.shape[1], -1))
+                        return z.reshape(*h.shape[:-1], z.shape[-1])
+                    return _factored_linear(h, node[name], bias, flat(task["A"].get(name)),
+                                            flat(task["B"].get(name)), probe)
                 return forward
             dense = {k: flat(v) for k, v in task["dense"].items()}
             out = mlp(dense, flat(task["x"]), 1, {n: factored(n) for n in names})
@@ -334,6 +384,86 @@ class FactoredLinears:
         if shared:
             return inner
         return torch.func.vmap(inner, in_dims=(0, 0), randomness=self.fns.randomness)
+
+
+def _learned(rate) -> bool:
+    """Whether an inner rate (float, tensor or {name: tensor}) is differentiated."""
+    values = rate.values() if isinstance(rate, dict) else [rate]
+    return any(isinstance(v, Tensor) and v.requires_grad for v in values)
+
+
+def _descend_in_place(adapted: Optional[Tensor], node: Tensor, a: Tensor, b: Tensor,
+                      tasks: int) -> Tensor:
+    """Every task's weight after a step, ``W_t - a_t^T b_t`` (a [*, R, out] rate
+    included, b [*, R, in], per task): in place into ``adapted`` [T, out, in], or from the
+    node weight (unbatched, or [groups, out, in] each shared by its block of tasks) at the
+    first step."""
+    a = a.reshape(tasks, -1, a.shape[-1]).transpose(1, 2)
+    b = b.reshape(tasks, -1, b.shape[-1])
+    if adapted is not None:
+        return adapted.baddbmm_(a, b, alpha=-1)
+    if node.dim() == 2:
+        return torch.baddbmm(node, a, b, alpha=-1)
+    groups = node.shape[0]
+    start = node.new_empty(tasks, *node.shape[1:])  # never an alias of the node weights
+    start.view(groups, tasks // groups, *node.shape[1:]).copy_(node.unsqueeze(1))
+    return start.baddbmm_(a, b, alpha=-1)
+
+
+class _InPlaceLinear(torch.autograd.Function):
+    """A first-order in-place layer on every task's rows: ``z_t = h_t W_t^T + b_t + probe_t`` with
+    W_t = W_node(t) - D_t, D_t a constant (the steps so far, kept in ``adapted``
+    [T, out, in]; None before the first step: W_t = W_node(t)).  Backward:
+
+        dh_t = g_t W_t,   dW_node = sum_{t in node} g_t^T h_t,   db_t = sum_rows g_t,
+        dprobe_t = g_t
+
+    where ``probe`` (added to z) is a zero the step differentiates by to get A = dL/dz.
+    h [T, N, in]; the node weight W is
+    unbatched or [groups, out, in] (node g owning the g-th block of tasks); bias [T, out]
+    or None.  ``adapted`` gets no gradient: first order only."""
+
+    @staticmethod
+    def forward(ctx, h, adapted, node, bias, probe):
+        # (ctx-style forward: a setup_context makes every apply bind the arguments with
+        # inspect.signature, ~40 us)
+        ctx.save_for_backward(h, adapted, node)
+        if adapted is not None:
+            z = torch.bmm(h, adapted.transpose(1, 2))
+        elif node.dim() == 2:
+            z = h @ node.t()
+        else:
+            z = torch.bmm(h.reshape(node.shape[0], -1, h.shape[-1]), node.transpose(1, 2))
+            z = z.view(h.shape[0], h.shape[1], -1)
+        if bias is not None:
+            z.add_(bias.unsqueeze(1))
+        return z if probe is None else z.add_(probe)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, adapted, node = ctx.saved_tensors
+        need_h, _, need_node, need_bias, need_probe = ctx.needs_input_grad
+        groups = 0 if node.dim() == 2 else node.shape[0]
+        grad_h = grad_node = None
+        if need_h:
+            if adapted is not None:
+                if torch.is_grad_enabled():  # double backward: dh depends on W through W_t
+                    per_task = node.expand(g.shape[0], *node.shape) if groups == 0 else \
+                        node.repeat_interleave(g.shape[0] // groups, 0)
+                    adapted = adapted + (per_task - per_task.detach())
+                grad_h = torch.bmm(g, adapted)
+            elif groups == 0:
+                grad_h = g @ node
+            else:
+                grad_h = torch.bmm(g.reshape(groups, -1, g.shape[-1]), node).view(h.shape)
+        if need_node:
+            if groups == 0:
+                grad_node = g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+            else:
+                grad_node = torch.bmm(g.reshape(groups, -1, g.shape[-1]).transpose(1, 2),
+                                      h.reshape(groups, -1, h.shape[-1]))
+        grad_bias = g.sum(1) if need_bias else None
+        return grad_h, None, grad_node, grad_bias, (g if need_probe else None)
 
 
 def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],

@@ -184,12 +184,12 @@ class TreeMAML(MetaLearner):
         rates = [self.inner_rate(k) for k in range(first, self.inner_steps)]
         create_graph = torch.is_grad_enabled() and not self.first_order
         try:
-            names, skip = self.factored.plan(sx, rates, pools, create_graph)
+            names, skip, in_place = self.factored.plan(sx, rates, pools, create_graph)
         except (RuntimeError, TypeError, ValueError) as error:
             probe = {n: p[None] for n, p in self.theta().items()}
             self.fns.diagnose("support_x", probe, sx, error)
             raise
-        if not names:
+        if not names and not in_place:
             return None
         first, rates, pools = first + skip, rates[skip:], pools[skip:]
         grads = Gradients(self.fns, sx, sy, loss_fn, create_graph)
@@ -198,7 +198,7 @@ class TreeMAML(MetaLearner):
             state = schedule.step(state, k, self.inner_rate(k), grads)
         params, shared, groups = schedule.leaf_base(state)
         return self.factored.query_losses(names, params, shared, groups, sx, sy, qx, qy, rates,
-                                          pools, loss_fn, create_graph)
+                                          pools, loss_fn, create_graph, in_place)
 
     def adapt(self, support_x: Inputs, support_y: Tensor, steps: Optional[int] = None, *,
               loss_fn: Optional[LossFn] = None, tree=None) -> Params:

@@ -24,6 +24,12 @@ the elements of T dense per-task weights against those of the factors, less a fi
 allowance for the factored form's extra operations.  Measured on CPU
 (``python bench/bench_meta.py``; bench/RESULTS_meta.md): at width 64 the factored form
 costs 1.1-1.3x the dense one with 16 tasks and 0.43-0.92x with 256, whatever the rule.
+
+In first order the steps are constants, ``W_t = W - D_t``: where factoring does not pay
+(the rows times steps come near in and out), a plain MLP's layer keeps every task's
+weight and updates it in place, ``W_t <- W_t - lr_j A_j^T B_j`` (one ``baddbmm_``, no
+``[T, out, in]`` gradient), and the query's gradient reaches W as ``sum_t g_t^T h_t``
+(:class:`_InPlaceLinear`; :meth:`FactoredLinears.in_place_layers` says when).
 """
 
 from __future__ import annotations

@@ -60,8 +60,9 @@ class TreeMAML(MetaLearner):
             :meth:`sync_grads` after ``backward()``.
         rows_per_rank: tasks per rank in DFS order (default: as even as possible).
         factored: per-task ``nn.Linear`` weights of the leaf steps kept as low-rank
-            updates (:mod:`treepool.meta.factored`): 'auto' (default: where it pays),
-            'always' (every eligible layer) or 'never' (dense).
+            updates (:mod:`treepool.meta.factored`): 'auto' (default: where it pays;
+            in first order, a plain MLP's large layers that do not pay are updated in
+            place instead), 'always' (every eligible layer) or 'never' (dense).
         check_finite: raise ``FloatingPointError`` when a task's query loss is inf or
             NaN (a diverged inner loop) instead of returning it; one host sync per call.
 

@@ -395,7 +395,6 @@ def test_shared_step_of_a_conv_model_equals_the_autograd_pass(first_order, flat)
     learner = TreeMAML(model, tree, inner_lr=0.4, inner_steps=2, first_order=first_order,
                        loss_fn=F.cross_entropy, factored="never")
     assert learner.fns.adapts_conv
-    learner.fns.loop_rows = 0  # 4 tasks would run as a loop (see the next test)
     got, = flat_grads(learner, learner.meta_loss(sx, sy, qx, qy))
     learner.fns.adapts_conv = False
     want, = flat_grads(learner, learner.meta_loss(sx, sy, qx, qy))
@@ -403,53 +402,6 @@ def test_shared_step_of_a_conv_model_equals_the_autograd_pass(first_order, flat)
     frozen = TreeMAML(model, tree, inner_lr=0.4, loss_fn=F.cross_entropy,
                       inner_params=lambda name: not name.startswith("0."))
     assert not frozen.fns.adapts_conv
-
-
-class ConvAndSide(nn.Module):
-    """A conv net with BatchNorm and a second input."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Flatten(), nn.Linear(3 * 2 * 2, 3))
-        self.side = nn.Linear(2, 3)
-
-    def forward(self, x, z):
-        return self.body(x) + self.side(z)
-
-
-@pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("labels", [None, [[0, 1, 0, 1, 0, 1]], [[0, 0, 0, 0, 1, 1]],
-                                    [[0, 1, 1, 1, 1, 1]]])
-def test_few_rows_of_a_conv_model_run_as_a_loop(monkeypatch, first_order, labels):
-    """A model with adapted convolutions runs up to LOOP_ROWS tasks (or nodes) as a Python
-    loop, a plain convolution each, instead of vmap's grouped convolution: the same
-    meta-gradient as the vmapped path, for MAML, equal nodes, padded and pooled ragged ones."""
-    torch.manual_seed(0)
-    model = ConvAndSide().double()
-    g = torch.Generator().manual_seed(2)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    sx, qx = (r(6, 5, 2, 6, 6), r(6, 5, 2)), (r(6, 3, 2, 6, 6), r(6, 3, 2))
-    sy = torch.randint(0, 3, (6, 5), generator=g)
-    qy = torch.randint(0, 3, (6, 3), generator=g)
-    tree = TaskTree.flat(6) if labels is None else TaskTree.from_labels(labels)
-    learner = TreeMAML(model, tree, inner_lr=0.3, inner_steps=2, first_order=first_order,
-                       loss_fn=F.cross_entropy)
-    assert learner.fns.loop_rows >= 6
-    rows = []
-    looped = learner.fns._looped_losses
-    monkeypatch.setattr(learner.fns, "_looped_losses",
-                        lambda *a, **k: rows.append(1) or looped(*a, **k))
-    got = flat_grads(learner, learner.meta_loss(sx, sy, qx, qy))
-    assert rows
-    learner.fns.loop_rows = 0
-    want = flat_grads(learner, learner.meta_loss(sx, sy, qx, qy))
-    for a, b in zip(got, want):
-        assert rel_err(a, b) <= TOL
-    same = TreeMAML(model, tree, inner_lr=0.3, loss_fn=F.cross_entropy, randomness="same")
-    assert same.fns.loop_rows >= 6
-    monkeypatch.setattr(same.fns, "_looped_losses", lambda *a, **k: pytest.fail("looped"))
-    same.meta_loss(sx, sy, qx, qy)  # one mask for all tasks needs vmap
 
 
 @pytest.mark.parametrize("first_order", [False, True])

@@ -236,15 +236,6 @@ def batched_grads(params: Params, create_graph: bool, total: Callable[[Params], 
     return (grads, aux) if has_aux else grads
 
 
-# A model with adapted convolutions runs at most this many parameter rows (tasks or
-# nodes) as a loop of plain convolutions (ModelFunctions._looped_losses).  bench_meta's
-# conv net (64 channels, 5 images a task), the step with the loop against vmap's grouped
-# convolutions, interleaved: 4 tasks 0.78-0.80x (first order) and 0.95-0.97x (second);
-# 8 tasks 0.84-0.87x and 0.96-1.04x; with 16 tasks the hand-written per-task loop takes
-# 1.09-1.14x of the vmapped step.
-LOOP_ROWS = 8
-
-
 class ModelFunctions:
     """``model`` as functions of its adapted parameters, batched over tasks.
 
@@ -271,8 +262,6 @@ class ModelFunctions:
                                 for m in model.modules())
         # a plain sequential MLP runs as batched products, without vmap (BatchedMLP)
         self.mlp = BatchedMLP.of(model)
-        # up to this many parameter rows run as a loop, not vmapped (see _looped_losses)
-        self.loop_rows = LOOP_ROWS if self.adapts_conv else 0
 
     def __call__(self, params: Params, x: Inputs) -> Tensor:
         with _ThinLinears() if self.thin_linears else contextlib.nullcontext():
@@ -303,8 +292,7 @@ class ModelFunctions:
         makes it a grouped one, one group per task.  bench_meta's conv net, 16 and 32
         tasks, second order, interleaved: TreeMAML 0.92-0.97x, MAML 0.98-0.99x of the
         step with the autograd pass here; first order and 4 tasks 0.99-1.01x.  Linear
-        layers keep the autograd pass (this measured 1.03-1.05x on the demo).  Up to
-        ``loop_rows`` tasks take the loop of :meth:`_looped_losses` instead."""
+        layers keep the autograd pass (this measured 1.03-1.05x on the demo)."""
         grads = self._vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
         if create_graph:
             with torch.enable_grad():
@@ -329,32 +317,15 @@ class ModelFunctions:
         mlp = self.batched_mlp(x)
         if mlp is not None:
             return per_task_losses(loss_fn, mlp(params, x, lead), y, depth)
-        if lead == 1 and num_tasks_of(x) <= self.loop_rows and self.randomness == "different":
-            return self._looped_losses(loss_fn, params, x, y, depth)
         fn = self.task_loss(loss_fn)
         for level in range(depth):
             fn = self._vmap(fn, in_dims=(0 if level >= depth - lead else None, 0, 0))
         return fn(params, x, y)
 
-    def _looped_losses(self, loss_fn: LossFn, params: Params, x: Inputs, y: Tensor,
-                       depth: int) -> Tensor:
-        """:meth:`_losses` with a parameter set per row, as a Python loop over the rows
-        (the tasks, or the nodes with their m tasks vmapped at the node's unbatched
-        parameters): for a model with adapted convolutions and few rows, where a plain
-        convolution per row beats vmap's grouped convolution (one group per row)."""
-        names = list(params)
-        rows = zip(*(p.unbind(0) for p in params.values()))
-        fn = self.task_loss(loss_fn)
-        if depth == 2:
-            fn = self._vmap(fn, in_dims=(None, 0, 0))
-        xs = list(zip(*as_tuple(x))) if isinstance(x, (tuple, list)) else x.unbind(0)
-        out = [fn(dict(zip(names, row)), x_c, y_c) for row, x_c, y_c in zip(rows, xs, y.unbind(0))]
-        return torch.stack(out)
-
     def _batch_grads(self, loss_fn: LossFn, params: Params, x: Inputs, y: Tensor, shared: bool,
                      create_graph: bool, depth: int, weights: Optional[Tensor] = None) -> Params:
         """Gradients, per row of the batch, of the (weighted) mean loss of its tasks."""
-        if shared and self.adapts_conv and weights is None and num_tasks_of(x) > self.loop_rows:
+        if shared and self.adapts_conv and weights is None:
             loss = self.task_loss(loss_fn) if depth == 1 else self.node_loss(loss_fn)
             return self._shared_grads(loss, params, x, y, create_graph)
 

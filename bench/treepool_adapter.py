@@ -19,19 +19,24 @@ from torch import Tensor, nn
 import treepool
 
 
+def _factored(factored: str) -> dict:
+    # older learners have no factored leaves: pass the option only when it is not the default
+    return {} if factored == "auto" else {"factored": factored}
+
+
 def maml(model: nn.Module, inner_lr: float, inner_steps: int, first_order: bool,
-         loss_fn=F.mse_loss) -> nn.Module:
+         loss_fn=F.mse_loss, factored: str = "auto") -> nn.Module:
     return treepool.MAML(model, inner_lr=inner_lr, inner_steps=inner_steps,
-                         first_order=first_order, loss_fn=loss_fn)
+                         first_order=first_order, loss_fn=loss_fn, **_factored(factored))
 
 
 def tree_maml(model: nn.Module, labels: Sequence[Sequence[int]], inner_lr: float,
-              first_order: bool, loss_fn=F.mse_loss) -> nn.Module:
+              first_order: bool, loss_fn=F.mse_loss, factored: str = "auto") -> nn.Module:
     """TreeMAML on the tree of per-task ``labels`` (levels 1..K, the last the leaves);
     inner steps = K."""
     tree = treepool.TaskTree.from_labels(labels, add_leaf_level=False)
     return treepool.TreeMAML(model, tree, inner_lr=inner_lr, first_order=first_order,
-                             inner_steps=tree.depth, loss_fn=loss_fn)
+                             inner_steps=tree.depth, loss_fn=loss_fn, **_factored(factored))
 
 
 def meta_parameters(learner: nn.Module):

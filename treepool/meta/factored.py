@@ -410,24 +410,29 @@ def _descend_in_place(adapted: Optional[Tensor], node: Tensor, a: Tensor, b: Ten
         return adapted.baddbmm_(a, b, alpha=-1)
     if node.dim() == 2:
         return torch.baddbmm(node, a, b, alpha=-1)
-    groups = node.shape[0]
-    start = node.new_empty(tasks, *node.shape[1:])  # never an alias of the node weights
-    start.view(groups, tasks // groups, *node.shape[1:]).copy_(node.unsqueeze(1))
-    return start.baddbmm_(a, b, alpha=-1)
+    return _per_task(node, tasks).baddbmm_(a, b, alpha=-1)  # a copy: never the node's memory
+
+
+def _per_task(node: Tensor, tasks: int) -> Tensor:
+    """The node weight of every task, [T, out, in]: a stride-0 view of an unbatched W, a
+    new tensor (index_select) from [groups, out, in]."""
+    if node.dim() == 2:
+        return node.expand(tasks, *node.shape)
+    return node.repeat_interleave(tasks // node.shape[0], 0)
 
 
 class _InPlaceLinear(torch.autograd.Function):
-    """A first-order in-place layer on every task's rows: ``z_t = h_t W_t^T + b_t + probe_t`` with
-    W_t = W_node(t) - D_t, D_t a constant (the steps so far, kept in ``adapted``
-    [T, out, in]; None before the first step: W_t = W_node(t)).  Backward:
+    """A first-order in-place layer on every task's rows, ``z_t = h_t W_t^T + b_t +
+    probe_t``, with W_t = W_node(t) - D_t and D_t a constant (the steps so far, kept in
+    ``adapted`` [T, out, in]; None before the first step: W_t = W_node(t)).  Backward:
 
         dh_t = g_t W_t,   dW_node = sum_{t in node} g_t^T h_t,   db_t = sum_rows g_t,
         dprobe_t = g_t
 
     where ``probe`` (added to z) is a zero the step differentiates by to get A = dL/dz.
-    h [T, N, in]; the node weight W is
-    unbatched or [groups, out, in] (node g owning the g-th block of tasks); bias [T, out]
-    or None.  ``adapted`` gets no gradient: first order only."""
+    h [T, N, in]; the node weight W unbatched or [groups, out, in] (node g owning the
+    g-th block of tasks); bias [T, out] or None.  ``adapted`` gets no gradient: first
+    order only."""
 
     @staticmethod
     def forward(ctx, h, adapted, node, bias, probe):
@@ -454,8 +459,7 @@ class _InPlaceLinear(torch.autograd.Function):
         if need_h:
             if adapted is not None:
                 if torch.is_grad_enabled():  # double backward: dh depends on W through W_t
-                    per_task = node.expand(g.shape[0], *node.shape) if groups == 0 else \
-                        node.repeat_interleave(g.shape[0] // groups, 0)
+                    per_task = _per_task(node, g.shape[0])
                     adapted = adapted + (per_task - per_task.detach())
                 grad_h = torch.bmm(g, adapted)
             elif groups == 0:

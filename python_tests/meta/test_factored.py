@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -305,3 +307,25 @@ def test_descend_in_place_never_writes_the_node_weights():
         per_task = groups_node.repeat_interleave(4 // groups_node.shape[0], 0)
         assert torch.allclose(out, per_task - a.transpose(1, 2) @ b)
         assert torch.equal(node, kept)
+
+
+def test_in_place_layers_in_float32_and_under_no_grad(in_place_everywhere):
+    """float32 agrees with the dense loop to float32 rounding; evaluation under no_grad
+    takes the same path."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    data = [t.float() for t in batch(8, 3, n=5, m=4)]
+    results = []
+    for mode in ("auto", "never"):
+        learner = MAML(copy.deepcopy(model), inner_lr=0.1, inner_steps=3, first_order=True,
+                       factored=mode)
+        with torch.no_grad():
+            per_task = learner.meta_loss(*data, reduction="none")
+        loss = learner.meta_loss(*data)
+        results.append((per_task, torch.autograd.grad(loss, list(learner.parameters()))))
+    assert MAML(model, first_order=True, inner_steps=3).factored.plan(
+        data[0], [0.1] * 3, [1] * 3, False).in_place == ("0", "2", "4")
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for x, y in zip(ga, gb):
+        assert rel_err(x, y) <= 1e-5

@@ -62,7 +62,7 @@ FACTOR_THRESHOLD = {"first": 96_000, "second": 56_000}
 # 'auto' keeps a layer's first-order per-task weights and updates them in place (see
 # FactoredLinears.in_place_layers) when the T dense weights hold more elements than this.
 # Measured on CPU (bench/ab_meta.py, first-order MAML against the dense leaf steps):
-# 1.22x at 26k elements and 1.10x at 102k (forced), 0.92x at 262k, 0.48x at 1M.
+# 1.23x at 26k elements and 1.10x at 102k (forced), 0.91x at 262k, 0.48x at 1M.
 IN_PLACE_THRESHOLD = 250_000
 
 

@@ -11,7 +11,8 @@
 //      argument struct (csrc/segment_args.h) per tensor of the list.
 // The engine then runs the structs: the CPU engine all tensors in one parallel region
 // (csrc/cpu), the CUDA engine one launch per 16 tensors (csrc/cuda/bindings_cuda.cpp).
-// `register_ops<Engine>` registers all fourteen ops of a backend over its engine.
+// `register_ops<Engine>` registers all fourteen segment ops of a backend over its engine
+// (max_pool2d_indices, the models' op, registers itself: csrc/cpu, csrc/cuda).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -127,6 +127,20 @@ void check_rows_apart(const char* op, const char* name, const Tensor& t) {
 
 }  // namespace
 
+void check_max_pool_args(const char* op, const Tensor& x, at::IntArrayRef kernel_size) {
+  if (kernel_size.size() != 2)
+    TP_FAIL(op, "kernel_size must have 2 elements (kh, kw), got ", kernel_size.size());
+  if (kernel_size[0] < 1 || kernel_size[1] < 1)
+    TP_FAIL(op, "kernel_size must be positive, got (", kernel_size[0], ", ", kernel_size[1], ")");
+  if (x.dim() < 2) TP_FAIL(op, "x must have at least 2 dimensions [..., H, W], got ", x.dim(), "-D");
+  if (!is_floating(x.scalar_type()))
+    TP_FAIL_TYPE(op, "x must have a floating dtype (float32, float64, float16 or bfloat16), got ",
+                 dtype_name(x.scalar_type()));
+  if (x.size(-2) < kernel_size[0] || x.size(-1) < kernel_size[1])
+    TP_FAIL(op, "x's planes [", x.size(-2), ", ", x.size(-1), "] are smaller than the kernel (",
+            kernel_size[0], ", ", kernel_size[1], ")");
+}
+
 int64_t check_segments(const char* op, const char* x_name, const Tensor& x,
                        const Tensor& offsets, const OptTensor& weights) {
   check_rows(op, x_name, x);

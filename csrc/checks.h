@@ -58,6 +58,10 @@ void check_list(const char* op, const char* name, at::TensorList ts);
 void check_same_length(const char* op, const char* name, size_t n, const char* ref_name,
                        size_t ref_n);
 
+// max_pool2d_indices: x [..., H, W] floating, kernel_size (kh, kw) positive and no larger
+// than a plane (the twin of _checks.max_pool_args).
+void check_max_pool_args(const char* op, const Tensor& x, at::IntArrayRef kernel_size);
+
 // --- values (index tensors on the CPU) -------------------------------------------
 
 void check_offsets_values(const char* op, const Tensor& offsets, int64_t num_rows,

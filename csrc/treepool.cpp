@@ -10,6 +10,11 @@
 //   reptile_update(theta, phi)     out[c] = theta[c] + eps * (segment_mean(phi)[c] - theta[c])
 // A rate is `lr` (a float) unless `lr_tensor` (0-d or [P]) is given, which replaces it.
 //
+// One op serves the learners' models rather than the tree:
+//   max_pool2d_indices(x, (kh, kw))  where each kh x kw window of x [..., H, W] (stride =
+//                                    kernel, floor) has its maximum, as F.max_pool2d's
+//                                    indices (csrc/cpu/max_pool_indices_cpu.cpp)
+//
 // Each op also has a multi-tensor form, `<op>_multi`, over a list of [N, P_i] buffers
 // (one per model parameter, sharing rows, offsets, weights, dtype and device) in one
 // dispatch; its rate tensors are a list too, one per buffer. The single-tensor form
@@ -60,6 +65,8 @@ TORCH_LIBRARY(treepool, m) {
   m.def(
       "reptile_update_multi_(Tensor(a!)[] theta, Tensor[] phi, Tensor offsets, "
       "Tensor? weights=None, float eps=1.0, Tensor[]? eps_tensor=None) -> ()");
+
+  m.def("max_pool2d_indices(Tensor x, int[2] kernel_size) -> Tensor");
 }
 
 namespace {

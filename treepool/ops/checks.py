@@ -56,6 +56,30 @@ def check_rows(op: str, name: str, t: Tensor) -> None:
                   f"bfloat16), got {t.dtype}", TypeError)
 
 
+def max_pool_args(op: str, x: Tensor, kernel_size) -> tuple:
+    """x [..., H, W] floating and kernel_size (an int or (kh, kw), positive, no larger than
+    a plane); returns (kh, kw). The twin of check_max_pool_args (csrc/checks.cpp)."""
+    if not isinstance(x, Tensor):
+        _fail(op, f"x must be a tensor, got {type(x).__name__}", TypeError)
+    if isinstance(kernel_size, int):
+        k = (kernel_size, kernel_size)
+    else:
+        k = tuple(kernel_size) if isinstance(kernel_size, (tuple, list, torch.Size)) else ()
+    if len(k) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in k):
+        _fail(op, f"kernel_size must be an int or 2 ints (kh, kw), got {kernel_size!r}", TypeError)
+    if k[0] < 1 or k[1] < 1:
+        _fail(op, f"kernel_size must be positive, got ({k[0]}, {k[1]})")
+    if x.dim() < 2:
+        _fail(op, f"x must have at least 2 dimensions [..., H, W], got {x.dim()}-D")
+    if x.dtype not in FLOATING:
+        _fail(op, f"x must have a floating dtype (float32, float64, float16 or bfloat16), got "
+                  f"{x.dtype}", TypeError)
+    if x.shape[-2] < k[0] or x.shape[-1] < k[1]:
+        _fail(op, f"x's planes [{x.shape[-2]}, {x.shape[-1]}] are smaller than the kernel "
+                  f"({k[0]}, {k[1]})")
+    return k
+
+
 def check_index(op: str, name: str, t: Tensor, what: str) -> None:
     """A 1-D int64 index tensor such as offsets or parents."""
     if not isinstance(t, Tensor):

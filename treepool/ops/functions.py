@@ -293,3 +293,21 @@ def reptile_update_(theta: Data, phi: Data, offsets: Tensor, eps: Rate,
         _ops.reptile_update_(theta, phi, offsets, weights, eps_value, eps_tensor)
         return theta
     return reference.reptile_update_(theta, phi, offsets, eps_value, eps_tensor, weights)
+
+
+def max_pool2d_indices(x: Tensor, kernel_size) -> Tensor:
+    """Where each window of a max pooling of x takes its maximum: int64 [..., H // kh,
+    W // kw] of flat indices ``r * W + c`` within each plane of x [..., H, W], for
+    windows kh x kw with stride = kernel, no padding, floor mode (``kernel_size`` an int
+    or (kh, kw)). Exactly ``F.max_pool2d(x, kernel_size, return_indices=True)[1]``: the
+    first maximum in row-major order, the last NaN where there are NaNs. Gathering x at
+    these indices gives the pooled values, and autograd then differentiates that gather
+    as max pooling (treepool's learners do so on the CPU, where ATen's channels-first
+    max pooling runs 3-4x slower than this kernel). Not differentiable (the indices
+    are integers); x is read, never written.
+    """
+    op = "max_pool2d_indices"
+    kh, kw = _checks.max_pool_args(op, x, kernel_size)
+    if runs_native(x):
+        return _ops.max_pool2d_indices(x.detach(), [kh, kw])
+    return reference.max_pool2d_indices(x, (kh, kw))

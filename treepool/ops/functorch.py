@@ -229,3 +229,26 @@ def register(name, setup, backward):
     # it also serves a vmap that reaches the op's batched key directly.
     torch.library.register_vmap(f"treepool::{name}", rule, lib=_lib)
     return fn
+
+
+# ---------------------------------------------------------------------- max_pool2d_indices
+
+def _max_pool_indices_below_autograd(x, kernel_size):
+    """Integer indices: nothing to differentiate, so the op runs below autograd."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return ops.max_pool2d_indices(x, kernel_size)
+
+
+def _max_pool_indices_rule(info, in_dims, x, kernel_size):
+    """Every plane [H, W] of x is pooled alone: a batch dimension among the leading
+    dimensions stays where it is (no copy); one of the last two moves to the front."""
+    dim = in_dims[0]
+    if dim is None:
+        return ops.max_pool2d_indices(x, kernel_size), None
+    if dim < x.dim() - 2:
+        return ops.max_pool2d_indices(x, kernel_size), dim
+    return ops.max_pool2d_indices(x.movedim(dim, 0), kernel_size), 0
+
+
+_lib.impl("max_pool2d_indices", _max_pool_indices_below_autograd, "Autograd")
+torch.library.register_vmap("treepool::max_pool2d_indices", _max_pool_indices_rule, lib=_lib)

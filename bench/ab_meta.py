@@ -6,7 +6,9 @@ Switches (``--off``, one or more):
 - ``in-place``: the first-order in-place layers (``FactoredLinears.in_place_layers``
   returns nothing, so the leaf steps stay dense or factored);
 - ``factored``: the whole factored leaf phase, in-place layers included
-  (``factored='never'``).
+  (``factored='never'``);
+- ``fast-pool``: the CPU max pooling at treepool's indices (treepool.meta.max_pool):
+  the model's max poolings run ATen's kernel.
 
 ``--force-in-place`` lowers the in-place layers' size threshold to 0 for every learner
 (to measure them below the size where 'auto' picks them).  ``--baseline vmap|loop``
@@ -16,6 +18,7 @@ adds that hand-written contender.  Cells are ``net:size:tasks:shots:order``, e.g
     python bench/ab_meta.py --cells mlp:64:256:10:first --off in-place
     python bench/ab_meta.py --cells mlp:40:16:5:first --off in-place --force-in-place
     python bench/ab_meta.py --cells conv:64:4:1:second --off factored --baseline loop
+    python bench/ab_meta.py --cells conv:64:16:1:second --off fast-pool --baseline vmap
 
 Reported per cell and family: ms per meta-step (median) of each contender and its
 per-repetition ratio to the learner as shipped (median, min-max).
@@ -43,7 +46,11 @@ def _no_in_place(learner):
     learner.factored.in_place_layers = lambda *args, **kwargs: ()
 
 
-SWITCHES = {"in-place": _no_in_place, "factored": None}
+def _no_fast_pool(learner):
+    learner.fns.max_pools = False
+
+
+SWITCHES = {"in-place": _no_in_place, "factored": None, "fast-pool": _no_fast_pool}
 
 
 def parse_cell(text: str) -> bm.Cell:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batched_mlp import BatchedMLP, per_task_losses
+from .max_pool import FastMaxPool
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Params = Dict[str, Tensor]
@@ -262,9 +263,15 @@ class ModelFunctions:
                                 for m in model.modules())
         # a plain sequential MLP runs as batched products, without vmap (BatchedMLP)
         self.mlp = BatchedMLP.of(model)
+        # CPU 2 x 2 max pooling as a gather at treepool's indices (treepool.meta.max_pool)
+        self.max_pools = any(isinstance(m, nn.MaxPool2d) for m in model.modules())
 
     def __call__(self, params: Params, x: Inputs) -> Tensor:
-        with _ThinLinears() if self.thin_linears else contextlib.nullcontext():
+        with contextlib.ExitStack() as modes:
+            if self.thin_linears:
+                modes.enter_context(_ThinLinears())
+            if self.max_pools:
+                modes.enter_context(FastMaxPool())
             return torch.func.functional_call(self.model, params, as_tuple(x))
 
     def task_loss(self, loss_fn: LossFn) -> Callable[[Params, Inputs, Tensor], Tensor]:

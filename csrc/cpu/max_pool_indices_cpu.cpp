@@ -137,7 +137,7 @@ at::Tensor max_pool2d_indices_cpu(const at::Tensor& x_in, at::IntArrayRef kernel
   sizes[sizes.size() - 2] = H / kh;
   sizes[sizes.size() - 1] = W / kw;
   at::Tensor idx = at::empty(sizes, x.options().dtype(at::kLong));
-  const int64_t planes = H * W == 0 ? 0 : x.numel() / (H * W);
+  const int64_t planes = x.numel() / (H * W);  // H, W >= 1: checked
   if (idx.numel() == 0) return idx;
   // A task of at least torch's grain size in elements: small inputs stay on one thread.
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (H * W));

@@ -161,3 +161,23 @@ def test_opcheck():
 def test_fake_kernel():
     out = torch.ops.treepool.max_pool2d_indices(torch.empty(2, 3, 9, 7, device="meta"), [2, 3])
     assert out.shape == (2, 3, 4, 2) and out.dtype == torch.int64 and out.device.type == "meta"
+
+
+@params("backend", AVAILABLE_BACKENDS)
+def test_torch_compile(backend):
+    """fullgraph torch.compile traces the op (its fake kernel) and the gather of the
+    values; forward and gradient equal F.max_pool2d's."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 8, 6, requires_grad=True)
+
+    def pooled(t):
+        idx = ops.max_pool2d_indices(t, 2)
+        return t.flatten(-2).gather(-1, idx.flatten(-2)).view(idx.shape)
+
+    torch._dynamo.reset()
+    with treepool.use_backend(backend):
+        out = torch.compile(pooled, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(out, F.max_pool2d(x, 2))
+    g = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0],
+                       torch.autograd.grad(F.max_pool2d(x, 2), x, g)[0])

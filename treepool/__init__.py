@@ -8,6 +8,7 @@ DFS order of a task tree, so that each cluster is a contiguous range given by in
 
 from .ops import (
     get_backend,
+    max_pool2d_indices,
     native_available,
     reptile_update,
     reptile_update_,
@@ -58,6 +59,7 @@ __all__ = [
     "task_gradients",
     "tree_mean_weights",
     "get_backend",
+    "max_pool2d_indices",
     "native_available",
     "reptile_update",
     "reptile_update_",

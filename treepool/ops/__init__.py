@@ -22,6 +22,6 @@ from .functions import (
 if native_available():
     from . import autograd, autograd_multi, fake  # noqa: F401  (registrations of the native ops)
 
-__all__ = ["get_backend", "max_pool2d_indices", "native_available", "reptile_update", "reptile_update_",
-           "segment_broadcast", "segment_mean", "segment_sum", "set_backend", "tree_update",
-           "tree_update_", "use_backend"]
+__all__ = ["get_backend", "max_pool2d_indices", "native_available", "reptile_update",
+           "reptile_update_", "segment_broadcast", "segment_mean", "segment_sum", "set_backend",
+           "tree_update", "tree_update_", "use_backend"]

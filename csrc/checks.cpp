@@ -127,7 +127,8 @@ void check_rows_apart(const char* op, const char* name, const Tensor& t) {
 
 }  // namespace
 
-void check_max_pool_args(const char* op, const Tensor& x, at::IntArrayRef kernel_size) {
+std::vector<int64_t> check_max_pool_args(const char* op, const Tensor& x,
+                                         at::IntArrayRef kernel_size) {
   if (kernel_size.size() != 2)
     TP_FAIL(op, "kernel_size must have 2 elements (kh, kw), got ", kernel_size.size());
   if (kernel_size[0] < 1 || kernel_size[1] < 1)
@@ -139,6 +140,10 @@ void check_max_pool_args(const char* op, const Tensor& x, at::IntArrayRef kernel
   if (x.size(-2) < kernel_size[0] || x.size(-1) < kernel_size[1])
     TP_FAIL(op, "x's planes [", x.size(-2), ", ", x.size(-1), "] are smaller than the kernel (",
             kernel_size[0], ", ", kernel_size[1], ")");
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes[sizes.size() - 2] /= kernel_size[0];
+  sizes[sizes.size() - 1] /= kernel_size[1];
+  return sizes;
 }
 
 int64_t check_segments(const char* op, const char* x_name, const Tensor& x,

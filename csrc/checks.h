@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace treepool {
 
@@ -59,8 +60,10 @@ void check_same_length(const char* op, const char* name, size_t n, const char* r
                        size_t ref_n);
 
 // max_pool2d_indices: x [..., H, W] floating, kernel_size (kh, kw) positive and no larger
-// than a plane (the twin of _checks.max_pool_args).
-void check_max_pool_args(const char* op, const Tensor& x, at::IntArrayRef kernel_size);
+// than a plane (the twin of _checks.max_pool_args); returns the indices' sizes
+// [..., H / kh, W / kw].
+std::vector<int64_t> check_max_pool_args(const char* op, const Tensor& x,
+                                         at::IntArrayRef kernel_size);
 
 // --- values (index tensors on the CPU) -------------------------------------------
 

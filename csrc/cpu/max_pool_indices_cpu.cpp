@@ -13,9 +13,9 @@
 // per comparison (pytorch/pytorch#51393), about 20 ns per output on random data: 20 ms
 // for 80 x 64 x 28 x 28, an eighth of bench_meta's conv MAML step. The 2 x 2 kernel
 // below is branch-free, and compiled for AVX-512 and AVX2 as well as the baseline ISA
-// (the best one is chosen when the library loads), 4-5 ms there. treepool's learners
+// (the best one is chosen when the library loads), 5.5 ms there. treepool's learners
 // take the values with a gather at these indices, which autograd differentiates as
-// max pooling (treepool/meta/functional.py, _FastMaxPool).
+// max pooling (treepool/meta/max_pool.py, FastMaxPool).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -129,13 +129,10 @@ void windows_any(const scalar_t* x, int64_t* idx, int64_t planes, int64_t H, int
 }
 
 at::Tensor max_pool2d_indices_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_size) {
-  check_max_pool_args("max_pool2d_indices", x_in, kernel_size);
+  const std::vector<int64_t> sizes = check_max_pool_args("max_pool2d_indices", x_in, kernel_size);
   const int64_t kh = kernel_size[0], kw = kernel_size[1];
   const int64_t H = x_in.size(-2), W = x_in.size(-1);
   const at::Tensor x = x_in.contiguous();
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes[sizes.size() - 2] = H / kh;
-  sizes[sizes.size() - 1] = W / kw;
   at::Tensor idx = at::empty(sizes, x.options().dtype(at::kLong));
   const int64_t planes = x.numel() / (H * W);  // H, W >= 1: checked
   if (idx.numel() == 0) return idx;

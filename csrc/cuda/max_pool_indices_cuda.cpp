@@ -14,11 +14,8 @@ namespace cuda {
 namespace {
 
 at::Tensor max_pool2d_indices_cuda(const at::Tensor& x, at::IntArrayRef kernel_size) {
-  check_max_pool_args("max_pool2d_indices", x, kernel_size);
+  const std::vector<int64_t> sizes = check_max_pool_args("max_pool2d_indices", x, kernel_size);
   const int64_t H = x.size(-2), W = x.size(-1);
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes[sizes.size() - 2] = H / kernel_size[0];
-  sizes[sizes.size() - 1] = W / kernel_size[1];
   if (x.numel() == 0) return at::empty(sizes, x.options().dtype(at::kLong));
   const at::Tensor planes = x.reshape({-1, 1, H, W});
   const auto pooled = at::max_pool2d_with_indices(planes, kernel_size, kernel_size);

@@ -80,6 +80,11 @@ def max_pool_args(op: str, x: Tensor, kernel_size) -> tuple:
     return k
 
 
+def max_pool_shape(x: Tensor, kernel: tuple) -> tuple:
+    """The shape of max_pool2d_indices(x, kernel): [..., H // kh, W // kw]."""
+    return (*x.shape[:-2], x.shape[-2] // kernel[0], x.shape[-1] // kernel[1])
+
+
 def check_index(op: str, name: str, t: Tensor, what: str) -> None:
     """A 1-D int64 index tensor such as offsets or parents."""
     if not isinstance(t, Tensor):

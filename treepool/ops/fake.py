@@ -114,5 +114,5 @@ def _reptile_update_multi_(theta, phi, offsets, weights=None, eps=1.0, eps_tenso
 
 @lib.register_fake("treepool::max_pool2d_indices")
 def _max_pool2d_indices(x, kernel_size):
-    kh, kw = _checks.max_pool_args("max_pool2d_indices", x, list(kernel_size))
-    return x.new_empty((*x.shape[:-2], x.shape[-2] // kh, x.shape[-1] // kw), dtype=torch.int64)
+    kernel = _checks.max_pool_args("max_pool2d_indices", x, list(kernel_size))
+    return x.new_empty(_checks.max_pool_shape(x, kernel), dtype=torch.int64)

@@ -298,11 +298,10 @@ def max_pool2d_indices(x: Tensor, kernel_size) -> Tensor:
     """Where each kh x kw window of x [..., H, W] (stride = kernel, no padding, floor) has
     its maximum, as the flat index r * W + c within its plane: F.max_pool2d's indices,
     every plane pooled as a 1-channel image."""
-    kh, kw = _checks.max_pool_args("max_pool2d_indices", x, kernel_size)
-    H, W = x.shape[-2:]
-    out_shape = (*x.shape[:-2], H // kh, W // kw)
+    kernel = _checks.max_pool_args("max_pool2d_indices", x, kernel_size)
+    out_shape = _checks.max_pool_shape(x, kernel)
     if x.numel() == 0:
         return torch.empty(out_shape, dtype=torch.int64, device=x.device)
-    planes = x.detach().reshape(-1, 1, H, W)
-    _, idx = torch.nn.functional.max_pool2d(planes, (kh, kw), return_indices=True)
+    planes = x.detach().reshape(-1, 1, *x.shape[-2:])
+    _, idx = torch.nn.functional.max_pool2d(planes, kernel, return_indices=True)
     return idx.reshape(out_shape)

@@ -305,7 +305,7 @@ def test_descend_in_place_never_writes_the_node_weights():
     for groups_node in (node, node[:2], node[:1]):  # 1, 2 or 4 tasks per node
         out = factored_module._descend_in_place(None, groups_node, a, b, 4)
         per_task = groups_node.repeat_interleave(4 // groups_node.shape[0], 0)
-        assert torch.allclose(out, per_task - a.transpose(1, 2) @ b)
+        assert torch.allclose(out, per_task + a.transpose(1, 2) @ b)
         assert torch.equal(node, kept)
 
 

@@ -77,9 +77,9 @@ class LeafPlan(NamedTuple):
 class _Layer:
     """Per-task state of one factored layer inside the batched computation: the node's
     weight, the task's bias, and the task's steps so far as one low-rank term
-    ``A^T B`` (``a`` [R, out] holding ``lr_j * A_j`` of every step j, ``b`` [R, in]
-    the B_j, stacked along R = N * steps), so that a forward is two extra products
-    however many steps came before."""
+    ``A^T B`` (``a`` [R, out] holding ``-lr_j * A_j`` of every step j, the descent's
+    sign included, ``b`` [R, in] the B_j, stacked along R = N * steps), so that a
+    forward is two extra products however many steps came before."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor] = None,
                  b: Optional[Tensor] = None, probe: Optional[Tensor] = None):
@@ -90,7 +90,7 @@ class _Layer:
         z = F.linear(x, self.weight, self.bias)
         if self.a is not None:
             flat = x.reshape(-1, x.shape[-1])
-            z = z - (flat @ self.b.transpose(0, 1) @ self.a).view(z.shape)
+            z = z + (flat @ self.b.transpose(0, 1) @ self.a).view(z.shape)
         if self.probe is not None:
             self.seen = x
             z = z + self.probe
@@ -280,7 +280,7 @@ class FactoredLinears:
 
         dense = {k: per_task(v) for k, v in base.items() if k not in factored}
         biases = {n: per_task(base[f"{n}.bias"]) for n in names if f"{n}.bias" in base}
-        a_terms: Dict[str, Tensor] = {}  # lr-scaled A of every step so far, [*lead, R, out]
+        a_terms: Dict[str, Tensor] = {}  # -lr_j A_j of every step so far, [*lead, R, out]
         b_terms: Dict[str, Tensor] = {}  # B of every step so far, [*lead, R, in]
         adapted: Dict[str, Tensor] = {}  # the in-place layers' task weights (constants), [T, out, in]
         data = [t if shared else _blocks(t, groups) for t in (sx, sy, qx, qy)]
@@ -331,12 +331,12 @@ class FactoredLinears:
                 if m > 1:
                     a, b = block_rows(a / m, m), block_rows(b, m)
                 w_rate = lr[f"{n}.weight"] if isinstance(lr, dict) else lr
-                scaled = a * w_rate
+                descent = a * -w_rate  # the step's rows of W_t - W: -lr A^T B
                 if n in low_rank:
-                    a_terms[n] = scaled if n not in a_terms else torch.cat([a_terms[n], scaled], -2)
+                    a_terms[n] = descent if n not in a_terms else torch.cat([a_terms[n], descent], -2)
                     b_terms[n] = b if n not in b_terms else torch.cat([b_terms[n], b], -2)
                 else:
-                    adapted[n] = _descend_in_place(adapted.get(n), w.detach(), scaled, b, T)
+                    adapted[n] = _descend_in_place(adapted.get(n), w.detach(), descent, b, T)
                 if n in biases:
                     b_rate = lr[f"{n}.bias"] if isinstance(lr, dict) else lr
                     biases[n] = biases[n] - b_rate * a.sum(-2)
@@ -402,17 +402,17 @@ def _learned(rate) -> bool:
 
 def _descend_in_place(adapted: Optional[Tensor], node: Tensor, a: Tensor, b: Tensor,
                       tasks: int) -> Tensor:
-    """Every task's weight after a step, ``W_t - a_t^T b_t`` (a [*, R, out] rate
-    included, b [*, R, in], per task): in place into ``adapted`` [T, out, in], or from the
+    """Every task's weight after a step, ``W_t + a_t^T b_t`` (a [*, R, out] the step's
+    -lr A, b [*, R, in], per task): in place into ``adapted`` [T, out, in], or from the
     node weight (unbatched, or [groups, out, in] each shared by its block of tasks) at the
     first step."""
     a = a.reshape(tasks, -1, a.shape[-1]).transpose(1, 2)
     b = b.reshape(tasks, -1, b.shape[-1])
     if adapted is not None:
-        return adapted.baddbmm_(a, b, alpha=-1)
+        return adapted.baddbmm_(a, b)
     if node.dim() == 2:
-        return torch.baddbmm(node, a, b, alpha=-1)
-    return _per_task(node, tasks).baddbmm_(a, b, alpha=-1)  # a copy: never the node's memory
+        return torch.baddbmm(node, a, b)
+    return _per_task(node, tasks).baddbmm_(a, b)  # a copy: never the node's memory
 
 
 def _per_task(node: Tensor, tasks: int) -> Tensor:
@@ -480,10 +480,11 @@ class _InPlaceLinear(torch.autograd.Function):
 
 def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
                      b: Optional[Tensor], probe: Optional[Tensor]) -> Tensor:
-    """A factored layer on every task's input ``h`` [T, ..., in]: ``h W^T - (h B^T) A
+    """A factored layer on every task's input ``h`` [T, ..., in]: ``h W^T + (h B^T) A
     + bias + probe`` with the node weight W unbatched or ``[groups, out, in]`` (node g
-    owning the g-th block of T / groups tasks), the per-task A [T, R, out] (rates
-    included), B [T, R, in], bias [T, out] and probe [T, ..., out]."""
+    owning the g-th block of T / groups tasks), the per-task A [T, R, out] (the steps'
+    -lr_j A_j), B [T, R, in], bias [T, out] and probe [T, ..., out].  The correction
+    accumulates into z in one baddbmm: no separate subtraction, forward or backward."""
     T, in_features = h.shape[0], h.shape[-1]
     rows = h.reshape(T, -1, in_features)
     if weight.dim() == 2:
@@ -493,7 +494,7 @@ def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optio
         z = torch.bmm(rows.reshape(groups, -1, in_features), weight.transpose(1, 2))
         z = z.reshape(T, rows.shape[1], -1)
     if a is not None:
-        z = z - torch.bmm(torch.bmm(rows, b.transpose(1, 2)), a)
+        z = torch.baddbmm(z, torch.bmm(rows, b.transpose(1, 2)), a)
     if bias is not None:
         z = z + bias.unsqueeze(1)
     z = z.reshape(*h.shape[:-1], z.shape[-1])

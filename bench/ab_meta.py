@@ -20,8 +20,9 @@ adds that hand-written contender.  Cells are ``net:size:tasks:shots:order``, e.g
     python bench/ab_meta.py --cells conv:64:4:1:second --off factored --baseline loop
     python bench/ab_meta.py --cells conv:64:16:1:second --off fast-pool --baseline vmap
 
-Reported per cell and family: ms per meta-step (median) of each contender and its
-per-repetition ratio to the learner as shipped (median, min-max).
+Reported per cell and family: ms per meta-step (median) of each contender, its minor
+page faults per meta-step (median; see bench_meta) and its per-repetition ratio to the
+learner as shipped (median, min-max).  ``--keep-freed-memory`` as in bench_meta.
 """
 
 from __future__ import annotations
@@ -99,11 +100,15 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc's malloc keeps freed memory (as bench_meta's flag)")
     args = p.parse_args(argv)
     off = [o for o in args.off.split(",") if o]
     unknown = [o for o in off if o not in SWITCHES]
     if unknown:
         p.error(f"--off: unknown {unknown}; choose from {list(SWITCHES)}")
+    if args.keep_freed_memory:
+        bm.keep_freed_memory()
     torch.set_num_threads(args.threads)
     if args.force_in_place:
         from treepool.meta import factored
@@ -117,9 +122,11 @@ def main(argv=None) -> None:
             ref = timed[entries[0].key]["times"]
             parts = []
             for c in entries:
-                times = timed[c.key]["times"]
+                times, faults = timed[c.key]["times"], timed[c.key]["faults"]
                 ratios = [a / b for a, b in zip(times, ref)]
                 parts.append(f"{c.name} {statistics.median(times) * 1e3:.2f} ms"
+                             + (f" ({statistics.median(faults):.0f} faults/step)" if faults
+                                else "")
                              + ("" if c is entries[0] else
                                 f" ({statistics.median(ratios):.3f}x, "
                                 f"{min(ratios):.2f}-{max(ratios):.2f})"))

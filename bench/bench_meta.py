@@ -26,11 +26,16 @@ Reported: min / median / max ms per meta-step over the repetitions, and for each
 contender its ratio to the best (lowest median) hand-written baseline of its family:
 the ratio of the medians, and the min-max of the per-repetition ratios (each taken
 against the same repetition of that baseline). treepool meets the bar when its ratio
-is at most 1.0x in every cell.
+is at most 1.0x in every cell. Also reported: each contender's minor page faults per
+meta-step (median), the memory malloc gave back to the OS and the step touched again.
+With glibc's defaults they are a large share of some cells (up to a quarter of
+treepool's step at width 64 with 256 tasks), and they depend on what the other
+contenders of the process allocated; ``--keep-freed-memory`` runs the cells with
+freed memory kept (README, "Memory allocator"), every contender alike.
 
 ``--threads N`` (default 1) sets torch's intra-op threads (torch.set_num_threads) for
 the whole run: one thread per process is right for meta-steps this small on a small
-machine (see bench/README_threads.md).
+machine (README, "Threads"; bench/RESULTS_meta.md, "Threads").
 
     python bench/bench_meta.py --json meta.json --plot meta.png   # the full grid, 30-45 min
     python bench/bench_meta.py --quick                            # 3 cells, about a minute
@@ -49,7 +54,12 @@ import os
 import statistics
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
+
+try:
+    import resource
+except ImportError:  # not on Windows: no page-fault counts
+    resource = None
 
 import torch
 import torch.nn.functional as F
@@ -170,21 +180,40 @@ def _timer(step: Callable[[], None], threads: int) -> Timer:
     return Timer("step()", globals={"step": step}, num_threads=threads)
 
 
+def _minor_faults() -> Optional[int]:
+    """Page faults of this process so far that the kernel served without I/O (a page of
+    memory malloc had handed back to the OS and the process touched again); None where
+    the platform does not count them."""
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(entries: List[Contender], repeats: int, min_time: float, threads: int,
             warmup: int, progress) -> Dict[str, dict]:
     """Interleaved timing: per repetition, every contender once, order rotated by one.
-    Returns key -> {"number": meta-steps per measurement, "times": [s per meta-step]}."""
+    Returns key -> {"number": meta-steps per measurement, "times": [s per meta-step],
+    "faults": [minor page faults per meta-step, over the Timer's own warm-up steps and
+    the measurement]} ("faults" empty where the platform does not count them)."""
     out = {}
     for c in entries:
         for _ in range(warmup - 1):
             c.step()
         one = _timer(c.step, threads).timeit(1).mean  # the last warm-up step calibrates
         number = max(1, math.ceil(min_time / one)) if one > 0 else 1
-        out[c.key] = {"number": number, "times": []}
+        out[c.key] = {"number": number, "times": [], "faults": []}
     for r in range(repeats):
         shift = r % len(entries)
         for c in entries[shift:] + entries[:shift]:
-            out[c.key]["times"].append(_timer(c.step, threads).timeit(out[c.key]["number"]).mean)
+            calls = [0]
+
+            def counted(step=c.step):
+                calls[0] += 1
+                step()
+            before = _minor_faults()
+            out[c.key]["times"].append(_timer(counted, threads).timeit(out[c.key]["number"]).mean)
+            if before is not None:
+                out[c.key]["faults"].append((_minor_faults() - before) / calls[0])
         progress.update(1)
     return out
 
@@ -206,6 +235,8 @@ def summarize(cell: Cell, entries: List[Contender], timed: Dict[str, dict]) -> L
                 number=timed[c.key]["number"], repeats=len(times),
                 ms_min=min(times) * 1e3, ms_median=statistics.median(times) * 1e3,
                 ms_max=max(times) * 1e3,
+                faults=(statistics.median(timed[c.key]["faults"])
+                        if timed[c.key].get("faults") else None),
                 ratio=statistics.median(times) / statistics.median(best_times),
                 ratio_min=min(paired), ratio_max=max(paired)))
     return rows
@@ -225,7 +256,8 @@ def detail_table(rows: List[dict]) -> str:
         [("cell", "cell", None), ("who", "contender", None), ("ms_min", "ms min", "{:.2f}"),
          ("ms_median", "ms median", "{:.2f}"), ("ms_max", "ms max", "{:.2f}"),
          ("ratio", "x best baseline (medians)", "{:.2f}x"),
-         ("spread", "per-repetition ratio min-max", None)])
+         ("spread", "per-repetition ratio min-max", None),
+         ("faults", "page faults / step", "{:.0f}")])
 
 
 def summary_rows(rows: List[dict]) -> List[dict]:
@@ -295,6 +327,16 @@ def ratio_plot(rows: List[dict], path: str, title: str) -> None:
 
 # --------------------------------------------------------------------------- main
 
+def keep_freed_memory() -> None:
+    """--keep-freed-memory: glibc's malloc keeps freed memory, for every contender alike
+    (the notes' allocator line says whether it took effect)."""
+    from treepool import info
+    if not hasattr(info, "keep_freed_memory"):
+        raise SystemExit("--keep-freed-memory: this treepool has no info.keep_freed_memory; "
+                         "set MALLOC_TRIM_THRESHOLD_ etc. in the environment instead")
+    info.keep_freed_memory()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,6 +362,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2,
                    help="meta-steps per contender before the repetitions (>= 1; the last one "
                         "sets how many steps a measurement runs)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="tell glibc's malloc to keep what the process frees "
+                        "(treepool.info.keep_freed_memory; README, 'Memory allocator') "
+                        "before any contender is built; default: the allocator as it is")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--plot", help="write a PNG of the ratios here (needs matplotlib)")
     p.add_argument("--profile", help="write a torch.profiler trace of TreeMAML treepool steps here")
@@ -335,6 +381,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cells = grid(args)

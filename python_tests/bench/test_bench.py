@@ -84,6 +84,9 @@ def test_bench_meta_quick(tmp_path):
         (n, o) for n in ("mlp", "conv") for o in ("second", "first")}
     assert all(0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"] and r["ratio"] > 0
                for r in data["rows"])
+    assert "page faults / step" in out
+    if bench_meta.resource is not None:
+        assert all(r["faults"] >= 0 for r in data["rows"])
     # The best baseline of each family is its own yardstick.
     assert all(r["ratio"] == 1.0 for r in data["rows"] if r["contender"] == r["best_baseline"])
     assert (tmp_path / "trace" / "bench_meta_treemaml.json").stat().st_size > 0
@@ -100,6 +103,8 @@ def test_ab_meta_smoke():
         line = next(line for line in out.splitlines() if line.startswith(label))
         assert "as shipped" in line and "in-place off" in line and "loop baseline" in line
         assert line.count("x, ") == 3  # a ratio for every contender but the reference
+        if bench_meta.resource is not None:
+            assert line.count(" faults/step)") == 4
     done = subprocess.run([sys.executable, os.path.join(BENCH, "ab_meta.py"), "--off", "jit"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "unknown ['jit']" in done.stderr
@@ -117,6 +122,57 @@ def test_bench_meta_threads_reach_the_timed_steps(monkeypatch, capsys):
     bench_meta.main(TINY_META + ["--conv-tasks", "", "--orders", "first", "--threads", "2"])
     assert seen == [(2, 2)]
     assert "2 intra-op thread(s)" in capsys.readouterr().out
+
+
+def test_bench_meta_keep_freed_memory_flag(monkeypatch, capsys):
+    """--keep-freed-memory asks treepool.info to keep freed memory before any contender
+    is built (here recorded, not done: the flag changes the whole process)."""
+    from treepool import info
+
+    events = []
+    monkeypatch.setattr(info, "keep_freed_memory", lambda: events.append("keep") or True)
+    real_contenders = bench_meta.contenders
+
+    def contenders(*args):
+        events.append("contenders")
+        return real_contenders(*args)
+
+    monkeypatch.setattr(bench_meta, "contenders", contenders)
+    monkeypatch.setattr(bench_meta, "measure", lambda entries, repeats, *rest: {
+        c.key: {"number": 1, "times": [1e-3] * repeats, "faults": []} for c in entries})
+    argv = TINY_META + ["--conv-tasks", "", "--orders", "first"]
+    bench_meta.main(argv)
+    assert events == ["contenders"]
+    events.clear()
+    bench_meta.main(argv + ["--keep-freed-memory"])
+    assert events == ["keep", "contenders"]
+    capsys.readouterr()
+
+
+@pytest.mark.skipif(bench_meta.resource is None, reason="no page-fault counts on this platform")
+def test_bench_meta_counts_page_faults_per_step():
+    """A step that touches 8 MiB of fresh anonymous memory faults about 2048 pages; one
+    that allocates nothing, none (up to the timer's own noise)."""
+    import mmap
+
+    def touch():
+        area = mmap.mmap(-1, 8 << 20)
+        for i in range(0, len(area), mmap.PAGESIZE):
+            area[i] = 1
+        area.close()
+
+    entries = [bench_meta.Contender("MAML", "touch", touch),
+               bench_meta.Contender("MAML", "idle", lambda: None)]
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    timed = bench_meta.measure(entries, repeats=2, min_time=0.0, threads=1, warmup=1,
+                               progress=Bar())
+    pages = (8 << 20) // mmap.PAGESIZE
+    assert all(0.9 * pages <= f <= 1.5 * pages for f in timed["MAML touch"]["faults"])
+    assert all(f < 0.05 * pages for f in timed["MAML idle"]["faults"])
 
 
 def test_bench_meta_defaults_to_one_thread():

@@ -27,10 +27,10 @@ contender its ratio to the best (lowest median) hand-written baseline of its fam
 the ratio of the medians, and the min-max of the per-repetition ratios (each taken
 against the same repetition of that baseline). treepool meets the bar when its ratio
 is at most 1.0x in every cell. Also reported: each contender's minor page faults per
-meta-step (median), the memory malloc gave back to the OS and the step touched again.
-With glibc's defaults they are a large share of some cells (up to a quarter of
-treepool's step at width 64 with 256 tasks), and they depend on what the other
-contenders of the process allocated; ``--keep-freed-memory`` runs the cells with
+meta-step (median): pages the step touched first since malloc took them from the OS,
+mostly memory it had given back. With glibc's defaults they are a large share of some
+cells (16% of treepool's conv step with 4 tasks, second order), and they depend on what
+the other contenders of the process allocated; ``--keep-freed-memory`` runs the cells with
 freed memory kept (README, "Memory allocator"), every contender alike.
 
 ``--threads N`` (default 1) sets torch's intra-op threads (torch.set_num_threads) for
@@ -181,9 +181,9 @@ def _timer(step: Callable[[], None], threads: int) -> Timer:
 
 
 def _minor_faults() -> Optional[int]:
-    """Page faults of this process so far that the kernel served without I/O (a page of
-    memory malloc had handed back to the OS and the process touched again); None where
-    the platform does not count them."""
+    """Page faults of this process so far that the kernel served without I/O (first
+    touches of pages malloc took from the OS, mostly memory it had given back); None
+    where the platform does not count them."""
     if resource is None:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -282,6 +282,9 @@ class FactoredLinears:
         biases = {n: per_task(base[f"{n}.bias"]) for n in names if f"{n}.bias" in base}
         a_terms: Dict[str, Tensor] = {}  # -lr_j A_j of every step so far, [*lead, R, out]
         b_terms: Dict[str, Tensor] = {}  # B of every step so far, [*lead, R, in]
+        # plain MLPs (direct): a node step's rows stay the node's, (m, -lr_j A_j / m, B_j)
+        # with [T / m, m N, out] and [T / m, m N, in], one product per node, not per task
+        node_terms: Dict[str, List[Tuple[int, Tensor, Tensor]]] = {}
         adapted: Dict[str, Tensor] = {}  # the in-place layers' task weights (constants), [T, out, in]
         data = [t if shared else _blocks(t, groups) for t in (sx, sy, qx, qy)]
 
@@ -311,6 +314,8 @@ class FactoredLinears:
                         "bias": {n: keep(b) for n, b in biases.items()},
                         "A": {n: keep(a) for n, a in a_terms.items()},
                         "B": {n: keep(b) for n, b in b_terms.items()},
+                        "nodes": {n: [(k, keep(a), keep(b)) for k, a, b in terms]
+                                  for n, terms in node_terms.items()},
                         "W": adapted,
                         "probe": {n: variables[f"probe:{n}"] for n in names},
                         "x": data[0], "y": data[1]}
@@ -328,20 +333,33 @@ class FactoredLinears:
                 b = seen[n].reshape(*lead, -1, w.shape[-1])
                 if not create_graph:
                     a, b = a.detach(), b.detach()
-                if m > 1:
+                per_node = m > 1 and direct is not None and n in low_rank
+                if per_node:  # the node's rows, [T / m, m N, d]
+                    a, b = a.reshape(T // m, -1, a.shape[-1]) / m, b.reshape(T // m, -1, b.shape[-1])
+                elif m > 1:
                     a, b = block_rows(a / m, m), block_rows(b, m)
                 w_rate = lr[f"{n}.weight"] if isinstance(lr, dict) else lr
                 descent = a * -w_rate  # the step's rows of W_t - W: -lr A^T B
-                if n in low_rank:
+                if per_node:
+                    terms = node_terms.setdefault(n, [])
+                    if terms and terms[-1][0] == m:  # another step on nodes of the same size
+                        _, a0, b0 = terms[-1]
+                        descent, b = torch.cat([a0, descent], -2), torch.cat([b0, b], -2)
+                        terms.pop()
+                    terms.append((m, descent, b))
+                elif n in low_rank:
                     a_terms[n] = descent if n not in a_terms else torch.cat([a_terms[n], descent], -2)
                     b_terms[n] = b if n not in b_terms else torch.cat([b_terms[n], b], -2)
                 else:
                     adapted[n] = _descend_in_place(adapted.get(n), w.detach(), descent, b, T)
                 if n in biases:
                     b_rate = lr[f"{n}.bias"] if isinstance(lr, dict) else lr
-                    biases[n] = biases[n] - b_rate * a.sum(-2)
-        task = {"dense": dense, "bias": biases, "A": a_terms, "B": b_terms, "W": adapted,
-                "x": data[2], "y": data[3]}
+                    step = a.sum(-2)
+                    if per_node:  # the node's mean bias gradient, for each of its tasks
+                        step = step.unsqueeze(1).expand(T // m, m, step.shape[-1]).reshape(*lead, -1)
+                    biases[n] = biases[n] - b_rate * step
+        task = {"dense": dense, "bias": biases, "A": a_terms, "B": b_terms, "nodes": node_terms,
+                "W": adapted, "x": data[2], "y": data[3]}
         if direct is not None:
             return direct(task, weights)[0].reshape(-1)
         return self._batched(query_loss, shared)(task, weights).reshape(-1)
@@ -377,7 +395,8 @@ class FactoredLinears:
                                                      T, rows.shape[1], -1))
                         return z.reshape(*h.shape[:-1], z.shape[-1])
                     return _factored_linear(h, node[name], bias, flat(task["A"].get(name)),
-                                            flat(task["B"].get(name)), probe)
+                                            flat(task["B"].get(name)), probe,
+                                            task["nodes"].get(name, ()))
                 return forward
             dense = {k: flat(v) for k, v in task["dense"].items()}
             out = mlp(dense, flat(task["x"]), 1, {n: factored(n) for n in names})
@@ -479,12 +498,17 @@ class _InPlaceLinear(torch.autograd.Function):
 
 
 def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
-                     b: Optional[Tensor], probe: Optional[Tensor]) -> Tensor:
+                     b: Optional[Tensor], probe: Optional[Tensor],
+                     node_terms: Sequence[Tuple[int, Tensor, Tensor]] = ()) -> Tensor:
     """A factored layer on every task's input ``h`` [T, ..., in]: ``h W^T + (h B^T) A
     + bias + probe`` with the node weight W unbatched or ``[groups, out, in]`` (node g
     owning the g-th block of T / groups tasks), the per-task A [T, R, out] (the steps'
     -lr_j A_j), B [T, R, in], bias [T, out] and probe [T, ..., out].  The correction
-    accumulates into z in one baddbmm: no separate subtraction, forward or backward."""
+    accumulates into z in one baddbmm: no separate subtraction, forward or backward.
+    ``node_terms``: the node steps' rows, (m, A [T / m, m N, out], B [T / m, m N, in]),
+    each node's m consecutive tasks sharing them; their product runs per node on the
+    node's stacked rows, ``(h_c B_c^T) A_c``: the same multiply-adds as per task, in
+    T / m larger products and without copying the rows to every task."""
     T, in_features = h.shape[0], h.shape[-1]
     rows = h.reshape(T, -1, in_features)
     if weight.dim() == 2:
@@ -495,6 +519,10 @@ def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optio
         z = z.reshape(T, rows.shape[1], -1)
     if a is not None:
         z = torch.baddbmm(z, torch.bmm(rows, b.transpose(1, 2)), a)
+    for m, node_a, node_b in node_terms:
+        stacked = rows.reshape(T // m, -1, in_features)
+        z = torch.baddbmm(z.reshape(T // m, -1, z.shape[-1]),
+                          torch.bmm(stacked, node_b.transpose(1, 2)), node_a).view(z.shape)
     if bias is not None:
         z = z + bias.unsqueeze(1)
     z = z.reshape(*h.shape[:-1], z.shape[-1])

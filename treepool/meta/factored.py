@@ -341,12 +341,7 @@ class FactoredLinears:
                 w_rate = lr[f"{n}.weight"] if isinstance(lr, dict) else lr
                 descent = a * -w_rate  # the step's rows of W_t - W: -lr A^T B
                 if per_node:
-                    terms = node_terms.setdefault(n, [])
-                    if terms and terms[-1][0] == m:  # another step on nodes of the same size
-                        _, a0, b0 = terms[-1]
-                        descent, b = torch.cat([a0, descent], -2), torch.cat([b0, b], -2)
-                        terms.pop()
-                    terms.append((m, descent, b))
+                    node_terms.setdefault(n, []).append((m, descent, b))
                 elif n in low_rank:
                     a_terms[n] = descent if n not in a_terms else torch.cat([a_terms[n], descent], -2)
                     b_terms[n] = b if n not in b_terms else torch.cat([b_terms[n], b], -2)

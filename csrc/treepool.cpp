@@ -14,6 +14,9 @@
 //   max_pool2d_indices(x, (kh, kw))  where each kh x kw window of x [..., H, W] (stride =
 //                                    kernel, floor) has its maximum, as F.max_pool2d's
 //                                    indices (csrc/cpu/max_pool_indices_cpu.cpp)
+//   bmm_nn, bmm_nt, bmm_tn, outer,   the batched products of the plain-MLP path, whose
+//   row_dot, weighted_row_sum        gradients keep every operand's layout
+//                                    (csrc/batched_products.h)
 //
 // Each op also has a multi-tensor form, `<op>_multi`, over a list of [N, P_i] buffers
 // (one per model parameter, sharing rows, offsets, weights, dtype and device) in one
@@ -67,6 +70,13 @@ TORCH_LIBRARY(treepool, m) {
       "Tensor? weights=None, float eps=1.0, Tensor[]? eps_tensor=None) -> ()");
 
   m.def("max_pool2d_indices(Tensor x, int[2] kernel_size) -> Tensor");
+
+  m.def("bmm_nn(Tensor x, Tensor y, Tensor? acc=None) -> Tensor");
+  m.def("bmm_nt(Tensor x, Tensor y, Tensor? bias=None) -> Tensor");
+  m.def("bmm_tn(Tensor x, Tensor y) -> Tensor");
+  m.def("outer(Tensor g, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("row_dot(Tensor h, Tensor w) -> Tensor");
+  m.def("weighted_row_sum(Tensor g, Tensor h) -> Tensor");
 }
 
 namespace {

@@ -489,3 +489,51 @@ def broadcast_list_args(op: str, gs, offsets, weights, num_rows: int, values: bo
         C = broadcast_args(op, g, offsets, weights, num_rows, values and i == 0)
     check_list(op, "g", gs)
     return C
+
+
+# ------------------------------------------------------------- batched products
+# (treepool.ops.products; the twins of csrc/batched_products.cpp's checks)
+
+_PRODUCT_SHAPES = {  # op: (x, y, the optional third argument), as dimension letters
+    "bmm_nn": ("BMK", "BKN", ("acc", "BMN")),
+    "bmm_nt": ("BMK", "BNK", ("bias", "BN")),
+    "bmm_tn": ("BKM", "BKN", None),
+    "outer": ("BN", "BK", ("bias", "BK")),
+    "row_dot": ("BNK", "BK", None),
+    "weighted_row_sum": ("BN", "BNK", None),
+}
+_ARG_NAMES = {"outer": ("g", "w"), "row_dot": ("h", "w"), "weighted_row_sum": ("g", "h")}
+
+
+def _product_operands(op: str, a: Tensor, b: Tensor, extra: Optional[Tensor]) -> None:
+    a_letters, b_letters, third = _PRODUCT_SHAPES[op]
+    a_name, b_name = _ARG_NAMES.get(op, ("x", "y"))
+    named = [(a_name, a, a_letters), (b_name, b, b_letters)]
+    if third is not None and extra is not None:
+        named.append((third[0], extra, third[1]))
+    check_types(op, [(name, t) for name, t, _ in named])
+    sizes = {}
+    for name, t, letters in named:
+        shape = "[" + ", ".join(letters) + "]"
+        if t.dim() != len(letters):
+            _fail(op, f"{name} must be {shape}, got {_shape(t)}")
+        if t.dtype not in FLOATING:
+            _fail(op, f"{name} must be a floating tensor, got {t.dtype}", TypeError)
+        check_same_dtype(op, name, t, a_name, a)
+        check_same(op, name, t, a_name, a)
+        for letter, size in zip(letters, t.shape):
+            if sizes.setdefault(letter, int(size)) != int(size):
+                _fail(op, f"{name} must be {shape} with {letter} = {sizes[letter]} (from "
+                          f"{named[0][0]}{'' if name == b_name else ' and ' + b_name}), "
+                          f"got {_shape(t)}")
+
+
+def product_args(op: str, x: Tensor, y: Tensor, extra: Optional[Tensor] = None) -> None:
+    """bmm_nn / bmm_nt / bmm_tn: 3-D floating x and y of one dtype and device whose batch
+    and contraction sizes agree, and acc or bias of the output's shape."""
+    _product_operands(op, x, y, extra)
+
+
+def row_args(op: str, a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> None:
+    """outer / row_dot / weighted_row_sum: the shapes of treepool.ops.products."""
+    _product_operands(op, a, b, bias)

@@ -116,3 +116,40 @@ def _reptile_update_multi_(theta, phi, offsets, weights=None, eps=1.0, eps_tenso
 def _max_pool2d_indices(x, kernel_size):
     kernel = _checks.max_pool_args("max_pool2d_indices", x, list(kernel_size))
     return x.new_empty(_checks.max_pool_shape(x, kernel), dtype=torch.int64)
+
+
+# The batched products (treepool.ops.products): the shapes of their values.
+@lib.register_fake("treepool::bmm_nn")
+def _bmm_nn(x, y, acc=None):
+    _checks.product_args("bmm_nn", x, y, acc)
+    return x.new_empty(x.shape[0], x.shape[1], y.shape[2])
+
+
+@lib.register_fake("treepool::bmm_nt")
+def _bmm_nt(x, y, bias=None):
+    _checks.product_args("bmm_nt", x, y, bias)
+    return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
+
+
+@lib.register_fake("treepool::bmm_tn")
+def _bmm_tn(x, y):
+    _checks.product_args("bmm_tn", x, y)
+    return x.new_empty(x.shape[0], x.shape[2], y.shape[2])
+
+
+@lib.register_fake("treepool::outer")
+def _outer(g, w, bias=None):
+    _checks.row_args("outer", g, w, bias)
+    return g.new_empty(g.shape[0], g.shape[1], w.shape[1])
+
+
+@lib.register_fake("treepool::row_dot")
+def _row_dot(h, w):
+    _checks.row_args("row_dot", h, w)
+    return h.new_empty(h.shape[0], h.shape[1])
+
+
+@lib.register_fake("treepool::weighted_row_sum")
+def _weighted_row_sum(g, h):
+    _checks.row_args("weighted_row_sum", g, h)
+    return h.new_empty(h.shape[0], h.shape[2])

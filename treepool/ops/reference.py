@@ -305,3 +305,40 @@ def max_pool2d_indices(x: Tensor, kernel_size) -> Tensor:
     planes = x.detach().reshape(-1, 1, *x.shape[-2:])
     _, idx = torch.nn.functional.max_pool2d(planes, kernel, return_indices=True)
     return idx.reshape(out_shape)
+
+
+# ------------------------------------------------------------- batched products
+# (treepool.ops.products): plain PyTorch, with the native ops' argument checks.
+
+def bmm_nn(x: Tensor, y: Tensor, acc: Optional[Tensor] = None) -> Tensor:
+    _checks.product_args("bmm_nn", x, y, acc)
+    return torch.bmm(x, y) if acc is None else torch.baddbmm(acc, x, y)
+
+
+def bmm_nt(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    _checks.product_args("bmm_nt", x, y, bias)
+    if bias is None:
+        return torch.bmm(x, y.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, y.transpose(1, 2))
+
+
+def bmm_tn(x: Tensor, y: Tensor) -> Tensor:
+    _checks.product_args("bmm_tn", x, y)
+    return torch.bmm(x.transpose(1, 2), y)
+
+
+def outer(g: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    _checks.row_args("outer", g, w, bias)
+    if bias is None:
+        return g.unsqueeze(-1) * w.unsqueeze(1)
+    return torch.addcmul(bias.unsqueeze(1), g.unsqueeze(-1), w.unsqueeze(1))
+
+
+def row_dot(h: Tensor, w: Tensor) -> Tensor:
+    _checks.row_args("row_dot", h, w)
+    return (h * w.unsqueeze(1)).sum(-1)
+
+
+def weighted_row_sum(g: Tensor, h: Tensor) -> Tensor:
+    _checks.row_args("weighted_row_sum", g, h)
+    return (h * g.unsqueeze(-1)).sum(1)

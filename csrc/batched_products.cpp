@@ -1,0 +1,331 @@
+// The batched products (semantics and why: batched_products.h): their device-generic
+// forward values, their argument checks and their Autograd kernels.
+//
+// Each Autograd kernel is a torch::autograd::Function whose backward calls these ops
+// again (through the same Functions), so that the gradients are differentiable in turn
+// (a second-order meta-step differentiates the inner steps' gradients) and every
+// gradient, at every order, is a product on contiguous operands:
+//
+//   z = x y            dx = nt(g, y)      dy = tn(x, g)
+//   z = x y^T          dx = nn(g, y)      dy = tn(g, x)
+//   z = x^T y          dx = nt(y, g)      dy = nn(x, g)
+//   z = g w^T (outer)  dg = row_dot(G, w)          dw = weighted_row_sum(g, G)
+//   z = row_dot(h, w)  dh = outer(G, w)            dw = weighted_row_sum(G, h)
+//   z = wrs(g, h)      dg = row_dot(h, G)          dh = outer(g, G)
+//
+// with acc's gradient G itself and a bias's the sum of G over the rows.
+#include "batched_products.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace treepool {
+namespace products {
+
+namespace {
+
+void check_float(const char* op, const char* name, const Tensor& t, const Tensor& like) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "treepool.", op, ": ", name,
+              " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "treepool.", op, ": ", name,
+              " must have the dtype of the first argument (", like.scalar_type(), "), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "treepool.", op, ": ", name,
+              " must be on the first argument's device (", like.device(), "), got ",
+              t.device());
+}
+
+void check_dims(const char* op, const char* name, const Tensor& t, int64_t dims,
+                const char* shape) {
+  TORCH_CHECK(t.dim() == dims, "treepool.", op, ": ", name, " must be ", shape, ", got ",
+              t.sizes());
+}
+
+// x [B, ., .] and y [B, ., .] with the contraction sizes x_k and y_k equal.
+void check_product(const char* op, const Tensor& x, const Tensor& y, int64_t x_k, int64_t y_k,
+                   const char* x_shape, const char* y_shape) {
+  check_dims(op, "x", x, 3, x_shape);
+  check_dims(op, "y", y, 3, y_shape);
+  check_float(op, "x", x, x);
+  check_float(op, "y", y, x);
+  TORCH_CHECK(y.size(0) == x.size(0) && y.size(y_k) == x.size(x_k), "treepool.", op,
+              ": y must be ", y_shape, " with x's B and K (x is ", x_shape, " = ", x.sizes(),
+              "), got ", y.sizes());
+}
+
+void check_row_vector(const char* op, const char* name, const Tensor& t, const Tensor& like,
+                      int64_t B, int64_t K) {
+  check_float(op, name, t, like);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == K, "treepool.", op, ": ", name,
+              " must be [B, K] = [", B, ", ", K, "], got ", t.sizes());
+}
+
+}  // namespace
+
+void check_row_dot(const Tensor& h, const Tensor& w) {
+  check_dims("row_dot", "h", h, 3, "[B, N, K]");
+  check_float("row_dot", "h", h, h);
+  check_row_vector("row_dot", "w", w, h, h.size(0), h.size(2));
+}
+
+void check_weighted_row_sum(const Tensor& g, const Tensor& h) {
+  check_dims("weighted_row_sum", "g", g, 2, "[B, N]");
+  check_dims("weighted_row_sum", "h", h, 3, "[B, N, K]");
+  check_float("weighted_row_sum", "g", g, g);
+  check_float("weighted_row_sum", "h", h, g);
+  TORCH_CHECK(h.size(0) == g.size(0) && h.size(1) == g.size(1), "treepool.weighted_row_sum: ",
+              "h must be [B, N, K] with g's B and N (g is ", g.sizes(), "), got ", h.sizes());
+}
+
+Tensor bmm_nn(const Tensor& x, const Tensor& y, const std::optional<Tensor>& acc) {
+  check_product("bmm_nn", x, y, 2, 1, "[B, M, K]", "[B, K, N]");
+  if (!acc) return at::bmm(x, y);
+  check_float("bmm_nn", "acc", *acc, x);
+  TORCH_CHECK(acc->sizes() == at::IntArrayRef({x.size(0), x.size(1), y.size(2)}),
+              "treepool.bmm_nn: acc must be [B, M, N] = [", x.size(0), ", ", x.size(1), ", ",
+              y.size(2), "], got ", acc->sizes());
+  return at::baddbmm(*acc, x, y);
+}
+
+Tensor bmm_nt(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias) {
+  check_product("bmm_nt", x, y, 2, 2, "[B, M, K]", "[B, N, K]");
+  if (!bias) return at::bmm(x, y.transpose(1, 2));
+  check_row_vector("bmm_nt", "bias", *bias, x, x.size(0), y.size(1));
+  return at::baddbmm(bias->unsqueeze(1), x, y.transpose(1, 2));
+}
+
+Tensor bmm_tn(const Tensor& x, const Tensor& y) {
+  check_product("bmm_tn", x, y, 1, 1, "[B, K, M]", "[B, K, N]");
+  return at::bmm(x.transpose(1, 2), y);
+}
+
+Tensor outer(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias) {
+  check_dims("outer", "g", g, 2, "[B, N]");
+  check_float("outer", "g", g, g);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == g.size(0), "treepool.outer: w must be [B, K] with ",
+              "g's B (g is ", g.sizes(), "), got ", w.sizes());
+  check_float("outer", "w", w, g);
+  if (!bias) return g.unsqueeze(-1) * w.unsqueeze(1);
+  check_row_vector("outer", "bias", *bias, g, g.size(0), w.size(1));
+  return at::addcmul(bias->unsqueeze(1), g.unsqueeze(-1), w.unsqueeze(1));
+}
+
+Tensor row_dot_composite(const Tensor& h, const Tensor& w) {
+  check_row_dot(h, w);
+  return (h * w.unsqueeze(1)).sum(-1);
+}
+
+Tensor weighted_row_sum_composite(const Tensor& g, const Tensor& h) {
+  check_weighted_row_sum(g, h);
+  return (h * g.unsqueeze(-1)).sum(1);
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::Function;
+using torch::autograd::variable_list;
+
+// The row ops' kernels, below autograd (CPU: the fused loops; elsewhere the composite).
+Tensor row_dot_kernel(const Tensor& h, const Tensor& w) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("treepool::row_dot", "")
+                             .typed<Tensor(const Tensor&, const Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(h, w);
+}
+
+Tensor weighted_row_sum_kernel(const Tensor& g, const Tensor& h) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("treepool::weighted_row_sum", "")
+                             .typed<Tensor(const Tensor&, const Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(g, h);
+}
+
+// Function::apply takes no undefined tensor, so each optional operand has its own form.
+struct NN : Function<NN> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y) {
+    ctx->save_for_backward({x, y});
+    return bmm_nn(x, y, std::nullopt);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g);
+};
+struct NNAcc : Function<NNAcc> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y, const Tensor& acc) {
+    ctx->save_for_backward({x, y});
+    return bmm_nn(x, y, acc);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g);
+};
+struct NT : Function<NT> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y) {
+    ctx->save_for_backward({x, y});
+    return bmm_nt(x, y, std::nullopt);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g);
+};
+struct NTBias : Function<NTBias> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y,
+                        const Tensor& bias) {
+    ctx->save_for_backward({x, y});
+    return bmm_nt(x, y, bias);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g);
+};
+struct TN : Function<TN> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y) {
+    ctx->save_for_backward({x, y});
+    return bmm_tn(x, y);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g);
+};
+struct Outer : Function<Outer> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& w) {
+    ctx->save_for_backward({g, w});
+    return outer(g, w, std::nullopt);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list G);
+};
+struct OuterBias : Function<OuterBias> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& w,
+                        const Tensor& bias) {
+    ctx->save_for_backward({g, w});
+    return outer(g, w, bias);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list G);
+};
+struct RowDot : Function<RowDot> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& h, const Tensor& w) {
+    ctx->save_for_backward({h, w});
+    return row_dot_kernel(h, w);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list G);
+};
+struct WeightedRowSum : Function<WeightedRowSum> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& h) {
+    ctx->save_for_backward({g, h});
+    return weighted_row_sum_kernel(g, h);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list G);
+};
+
+// The gradients of x y (shared by NN and NNAcc): dx = g y^T, dy = x^T g.
+variable_list product_grads(AutogradContext* ctx, const Tensor& g, size_t first) {
+  const auto s = ctx->get_saved_variables();
+  Tensor dx, dy;
+  if (ctx->needs_input_grad(first)) dx = NT::apply(g, s[1]);
+  if (ctx->needs_input_grad(first + 1)) dy = TN::apply(s[0], g);
+  return {dx, dy};
+}
+
+variable_list NN::backward(AutogradContext* ctx, variable_list g) {
+  return product_grads(ctx, g[0], 0);
+}
+
+variable_list NNAcc::backward(AutogradContext* ctx, variable_list g) {
+  auto grads = product_grads(ctx, g[0], 0);
+  grads.push_back(ctx->needs_input_grad(2) ? g[0] : Tensor());
+  return grads;
+}
+
+// x y^T: dx = g y, dy = g^T x.
+variable_list nt_grads(AutogradContext* ctx, const Tensor& g) {
+  const auto s = ctx->get_saved_variables();
+  Tensor dx, dy;
+  if (ctx->needs_input_grad(0)) dx = NN::apply(g, s[1]);
+  if (ctx->needs_input_grad(1)) dy = TN::apply(g, s[0]);
+  return {dx, dy};
+}
+
+variable_list NT::backward(AutogradContext* ctx, variable_list g) { return nt_grads(ctx, g[0]); }
+
+variable_list NTBias::backward(AutogradContext* ctx, variable_list g) {
+  auto grads = nt_grads(ctx, g[0]);
+  grads.push_back(ctx->needs_input_grad(2) ? g[0].sum(1) : Tensor());
+  return grads;
+}
+
+// x^T y: dx = y g^T, dy = x g.
+variable_list TN::backward(AutogradContext* ctx, variable_list g) {
+  const auto s = ctx->get_saved_variables();
+  Tensor dx, dy;
+  if (ctx->needs_input_grad(0)) dx = NT::apply(s[1], g[0]);
+  if (ctx->needs_input_grad(1)) dy = NN::apply(s[0], g[0]);
+  return {dx, dy};
+}
+
+// g w^T per batch: dg = row_dot(G, w), dw = weighted_row_sum(g, G).
+variable_list outer_grads(AutogradContext* ctx, const Tensor& G) {
+  const auto s = ctx->get_saved_variables();
+  Tensor dg, dw;
+  if (ctx->needs_input_grad(0)) dg = RowDot::apply(G, s[1]);
+  if (ctx->needs_input_grad(1)) dw = WeightedRowSum::apply(s[0], G);
+  return {dg, dw};
+}
+
+variable_list Outer::backward(AutogradContext* ctx, variable_list G) {
+  return outer_grads(ctx, G[0]);
+}
+
+variable_list OuterBias::backward(AutogradContext* ctx, variable_list G) {
+  auto grads = outer_grads(ctx, G[0]);
+  grads.push_back(ctx->needs_input_grad(2) ? G[0].sum(1) : Tensor());
+  return grads;
+}
+
+variable_list RowDot::backward(AutogradContext* ctx, variable_list G) {
+  const auto s = ctx->get_saved_variables();
+  Tensor dh, dw;
+  if (ctx->needs_input_grad(0)) dh = Outer::apply(G[0], s[1]);
+  if (ctx->needs_input_grad(1)) dw = WeightedRowSum::apply(G[0], s[0]);
+  return {dh, dw};
+}
+
+variable_list WeightedRowSum::backward(AutogradContext* ctx, variable_list G) {
+  const auto s = ctx->get_saved_variables();
+  Tensor dg, dh;
+  if (ctx->needs_input_grad(0)) dg = RowDot::apply(s[1], G[0]);
+  if (ctx->needs_input_grad(1)) dh = Outer::apply(s[0], G[0]);
+  return {dg, dh};
+}
+
+Tensor bmm_nn_autograd(const Tensor& x, const Tensor& y, const std::optional<Tensor>& acc) {
+  return acc ? NNAcc::apply(x, y, *acc) : NN::apply(x, y);
+}
+Tensor bmm_nt_autograd(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias) {
+  return bias ? NTBias::apply(x, y, *bias) : NT::apply(x, y);
+}
+Tensor bmm_tn_autograd(const Tensor& x, const Tensor& y) { return TN::apply(x, y); }
+Tensor outer_autograd(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias) {
+  return bias ? OuterBias::apply(g, w, *bias) : Outer::apply(g, w);
+}
+Tensor row_dot_autograd(const Tensor& h, const Tensor& w) { return RowDot::apply(h, w); }
+Tensor weighted_row_sum_autograd(const Tensor& g, const Tensor& h) {
+  return WeightedRowSum::apply(g, h);
+}
+
+}  // namespace
+}  // namespace products
+}  // namespace treepool
+
+TORCH_LIBRARY_IMPL(treepool, Autograd, m) {
+  using namespace treepool::products;
+  m.impl("bmm_nn", &bmm_nn_autograd);
+  m.impl("bmm_nt", &bmm_nt_autograd);
+  m.impl("bmm_tn", &bmm_tn_autograd);
+  m.impl("outer", &outer_autograd);
+  m.impl("row_dot", &row_dot_autograd);
+  m.impl("weighted_row_sum", &weighted_row_sum_autograd);
+}
+
+// The products and outer run ATen's kernels on every device; the row ops' CPU kernels
+// are csrc/cpu/row_products_cpu.cpp, their CUDA ones csrc/cuda/batched_products_cuda.cpp.
+TORCH_LIBRARY_IMPL(treepool, CPU, m) {
+  using namespace treepool::products;
+  m.impl("bmm_nn", &bmm_nn);
+  m.impl("bmm_nt", &bmm_nt);
+  m.impl("bmm_tn", &bmm_tn);
+  m.impl("outer", &outer);
+}

@@ -14,10 +14,11 @@ views and scalings add nodes that the backward and double backward run again.
 
 :class:`BatchedMLP` recognises an ``nn.Sequential`` (nested ones flattened) of
 ``nn.Linear`` layers and parameter-free elementwise activations, with no hooks; every
-other model runs through vmap (``ModelFunctions``).  A linear layer with one input or
-one output feature is an elementwise product on the CPU, where ATen's bmm runs such
-degenerate matrices in a scalar loop (``functional._ThinLinears`` does the same under
-vmap).
+other model runs through vmap (``ModelFunctions``).  The batched layers run treepool's
+batched products (:mod:`treepool.ops.products`: ``bmm_nt``, and on the CPU ``outer``
+and ``row_dot`` for a layer with one input or one output feature, where ATen's bmm
+runs such degenerate matrices per matrix; ``functional._ThinLinears`` does the same
+under vmap with elementwise products), whose gradients keep every operand's layout.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..ops import products
 
 __all__ = ["BatchedMLP", "per_task_losses"]
 
@@ -99,7 +102,9 @@ class BatchedMLP:
 
 
 def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Tensor:
-    """``h W^T + b`` with W and b unbatched or batched over the first dimension of h."""
+    """``h W^T + b`` with W and b unbatched or batched over the first dimension of h.
+    Batched, it runs treepool's batched products (:mod:`treepool.ops.products`), whose
+    gradients keep every operand's layout at every order."""
     w_batched = lead == 1 and weight.dim() == 3
     b_batched = lead == 1 and bias is not None and bias.dim() == 2
     if not w_batched:
@@ -107,22 +112,17 @@ def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Ten
         return _add_rowwise(out, bias) if b_batched else out
     B, out_features, in_features = weight.shape
     rows = h if h.dim() == 3 else h.reshape(B, -1, in_features)
-    if h.device.type == "cpu" and in_features == 1:      # [B, N, 1] * [B, 1, out] (+ b)
-        if bias is not None:
-            start = bias.unsqueeze(1) if b_batched else bias
-            z = torch.addcmul(start, rows, weight.transpose(1, 2))
-            return z if h.dim() == 3 else z.reshape(*h.shape[:-1], out_features)
-        z = rows * weight.transpose(1, 2)
+    fused_bias = bias if b_batched else None          # added by the product itself
+    if h.device.type == "cpu" and in_features == 1:   # [B, N] outer [B, out] (+ b)
+        z = products.outer(rows[..., 0], weight[..., 0], fused_bias)
     elif h.device.type == "cpu" and out_features == 1:
-        z = (rows * weight).sum(-1, keepdim=True)          # [B, N, in] * [B, 1, in]
-    elif b_batched:
-        z = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
-        return z if h.dim() == 3 else z.reshape(*h.shape[:-1], out_features)
+        z = products.row_dot(rows, weight[:, 0]).unsqueeze(-1)
+        fused_bias = None
     else:
-        z = torch.bmm(rows, weight.transpose(1, 2))
+        z = products.bmm_nt(rows, weight, fused_bias)
     if h.dim() != 3:
         z = z.reshape(*h.shape[:-1], out_features)
-    if bias is None:
+    if bias is None or fused_bias is not None:
         return z
     return _add_rowwise(z, bias) if b_batched else z + bias
 

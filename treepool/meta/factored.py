@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import products
 from .batched_mlp import per_task_losses
 from .functional import (Inputs, LossFn, ModelFunctions, Params, as_tuple, batched_grads,
                          exact_norms)
@@ -510,14 +511,14 @@ def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optio
         z = F.linear(rows, weight)
     else:
         groups = weight.shape[0]
-        z = torch.bmm(rows.reshape(groups, -1, in_features), weight.transpose(1, 2))
+        z = products.bmm_nt(rows.reshape(groups, -1, in_features), weight)
         z = z.reshape(T, rows.shape[1], -1)
     if a is not None:
-        z = torch.baddbmm(z, torch.bmm(rows, b.transpose(1, 2)), a)
+        z = products.bmm_nn(products.bmm_nt(rows, b), a, z)
     for m, node_a, node_b in node_terms:
         stacked = rows.reshape(T // m, -1, in_features)
-        z = torch.baddbmm(z.reshape(T // m, -1, z.shape[-1]),
-                          torch.bmm(stacked, node_b.transpose(1, 2)), node_a).view(z.shape)
+        z = products.bmm_nn(products.bmm_nt(stacked, node_b), node_a,
+                            z.reshape(T // m, -1, z.shape[-1])).view(z.shape)
     if bias is not None:
         z = z + bias.unsqueeze(1)
     z = z.reshape(*h.shape[:-1], z.shape[-1])

@@ -15,6 +15,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../batched_products.h"
 
 namespace treepool {

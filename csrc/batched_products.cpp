@@ -78,25 +78,37 @@ void check_weighted_row_sum(const Tensor& g, const Tensor& h) {
               "h must be [B, N, K] with g's B and N (g is ", g.sizes(), "), got ", h.sizes());
 }
 
-Tensor bmm_nn(const Tensor& x, const Tensor& y, const std::optional<Tensor>& acc) {
+void check_bmm_nn(const Tensor& x, const Tensor& y, const std::optional<Tensor>& acc) {
   check_product("bmm_nn", x, y, 2, 1, "[B, M, K]", "[B, K, N]");
-  if (!acc) return at::bmm(x, y);
+  if (!acc) return;
   check_float("bmm_nn", "acc", *acc, x);
   TORCH_CHECK(acc->sizes() == at::IntArrayRef({x.size(0), x.size(1), y.size(2)}),
               "treepool.bmm_nn: acc must be [B, M, N] = [", x.size(0), ", ", x.size(1), ", ",
               y.size(2), "], got ", acc->sizes());
-  return at::baddbmm(*acc, x, y);
+}
+
+void check_bmm_nt(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias) {
+  check_product("bmm_nt", x, y, 2, 2, "[B, M, K]", "[B, N, K]");
+  if (bias) check_row_vector("bmm_nt", "bias", *bias, x, x.size(0), y.size(1));
+}
+
+void check_bmm_tn(const Tensor& x, const Tensor& y) {
+  check_product("bmm_tn", x, y, 1, 1, "[B, K, M]", "[B, K, N]");
+}
+
+Tensor bmm_nn(const Tensor& x, const Tensor& y, const std::optional<Tensor>& acc) {
+  check_bmm_nn(x, y, acc);
+  return acc ? at::baddbmm(*acc, x, y) : at::bmm(x, y);
 }
 
 Tensor bmm_nt(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias) {
-  check_product("bmm_nt", x, y, 2, 2, "[B, M, K]", "[B, N, K]");
+  check_bmm_nt(x, y, bias);
   if (!bias) return at::bmm(x, y.transpose(1, 2));
-  check_row_vector("bmm_nt", "bias", *bias, x, x.size(0), y.size(1));
   return at::baddbmm(bias->unsqueeze(1), x, y.transpose(1, 2));
 }
 
 Tensor bmm_tn(const Tensor& x, const Tensor& y) {
-  check_product("bmm_tn", x, y, 1, 1, "[B, K, M]", "[B, K, N]");
+  check_bmm_tn(x, y);
   return at::bmm(x.transpose(1, 2), y);
 }
 
@@ -127,19 +139,42 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Function;
 using torch::autograd::variable_list;
 
-// The row ops' kernels, below autograd (CPU: the fused loops; elsewhere the composite).
+// The ops' kernels, below autograd: the CPU ones of csrc/cpu/ (small products and the
+// row ops by treepool's loops), the CUDA ones of csrc/cuda/batched_products_cuda.cpp.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> kernel_of(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using Optional = const std::optional<Tensor>&;
+
+Tensor bmm_nn_kernel(const Tensor& x, const Tensor& y, Optional acc) {
+  static const auto op = kernel_of<Tensor(const Tensor&, const Tensor&, Optional)>("treepool::bmm_nn");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(x, y, acc);
+}
+
+Tensor bmm_nt_kernel(const Tensor& x, const Tensor& y, Optional bias) {
+  static const auto op = kernel_of<Tensor(const Tensor&, const Tensor&, Optional)>("treepool::bmm_nt");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(x, y, bias);
+}
+
+Tensor bmm_tn_kernel(const Tensor& x, const Tensor& y) {
+  static const auto op = kernel_of<Tensor(const Tensor&, const Tensor&)>("treepool::bmm_tn");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(x, y);
+}
+
 Tensor row_dot_kernel(const Tensor& h, const Tensor& w) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("treepool::row_dot", "")
-                             .typed<Tensor(const Tensor&, const Tensor&)>();
+  static const auto op = kernel_of<Tensor(const Tensor&, const Tensor&)>("treepool::row_dot");
   at::AutoDispatchBelowADInplaceOrView below;
   return op.call(h, w);
 }
 
 Tensor weighted_row_sum_kernel(const Tensor& g, const Tensor& h) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("treepool::weighted_row_sum", "")
-                             .typed<Tensor(const Tensor&, const Tensor&)>();
+  static const auto op =
+      kernel_of<Tensor(const Tensor&, const Tensor&)>("treepool::weighted_row_sum");
   at::AutoDispatchBelowADInplaceOrView below;
   return op.call(g, h);
 }
@@ -148,21 +183,21 @@ Tensor weighted_row_sum_kernel(const Tensor& g, const Tensor& h) {
 struct NN : Function<NN> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y) {
     ctx->save_for_backward({x, y});
-    return bmm_nn(x, y, std::nullopt);
+    return bmm_nn_kernel(x, y, std::nullopt);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g);
 };
 struct NNAcc : Function<NNAcc> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y, const Tensor& acc) {
     ctx->save_for_backward({x, y});
-    return bmm_nn(x, y, acc);
+    return bmm_nn_kernel(x, y, acc);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g);
 };
 struct NT : Function<NT> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y) {
     ctx->save_for_backward({x, y});
-    return bmm_nt(x, y, std::nullopt);
+    return bmm_nt_kernel(x, y, std::nullopt);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g);
 };
@@ -170,14 +205,14 @@ struct NTBias : Function<NTBias> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y,
                         const Tensor& bias) {
     ctx->save_for_backward({x, y});
-    return bmm_nt(x, y, bias);
+    return bmm_nt_kernel(x, y, bias);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g);
 };
 struct TN : Function<TN> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y) {
     ctx->save_for_backward({x, y});
-    return bmm_tn(x, y);
+    return bmm_tn_kernel(x, y);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g);
 };
@@ -320,12 +355,11 @@ TORCH_LIBRARY_IMPL(treepool, Autograd, m) {
   m.impl("weighted_row_sum", &weighted_row_sum_autograd);
 }
 
-// The products and outer run ATen's kernels on every device; the row ops' CPU kernels
-// are csrc/cpu/row_products_cpu.cpp, their CUDA ones csrc/cuda/batched_products_cuda.cpp.
+// outer runs ATen's kernels on every device. The CPU kernels of the products (small
+// matrices by treepool's loops, others by ATen's) are csrc/cpu/small_products_cpu.cpp,
+// the row ops' csrc/cpu/row_products_cpu.cpp; the CUDA ones
+// csrc/cuda/batched_products_cuda.cpp.
 TORCH_LIBRARY_IMPL(treepool, CPU, m) {
   using namespace treepool::products;
-  m.impl("bmm_nn", &bmm_nn);
-  m.impl("bmm_nt", &bmm_nt);
-  m.impl("bmm_tn", &bmm_tn);
   m.impl("outer", &outer);
 }

@@ -30,8 +30,9 @@ namespace products {
 
 using at::Tensor;
 
-// The forward values, on any device (ATen's products); the row ops' CPU kernels are
-// in csrc/cpu/row_products_cpu.cpp.
+// The forward values, on any device (ATen's products); the CPU kernels of the
+// products are in csrc/cpu/small_products_cpu.cpp (small matrices), the row ops' in
+// csrc/cpu/row_products_cpu.cpp.
 Tensor bmm_nn(const Tensor& x, const Tensor& y, const std::optional<Tensor>& acc);
 Tensor bmm_nt(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias);
 Tensor bmm_tn(const Tensor& x, const Tensor& y);
@@ -40,6 +41,9 @@ Tensor row_dot_composite(const Tensor& h, const Tensor& w);
 Tensor weighted_row_sum_composite(const Tensor& g, const Tensor& h);
 
 // Argument checks (a clear message naming the argument; shared by every kernel).
+void check_bmm_nn(const Tensor& x, const Tensor& y, const std::optional<Tensor>& acc);
+void check_bmm_nt(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias);
+void check_bmm_tn(const Tensor& x, const Tensor& y);
 void check_row_dot(const Tensor& h, const Tensor& w);
 void check_weighted_row_sum(const Tensor& g, const Tensor& h);
 

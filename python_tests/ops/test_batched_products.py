@@ -92,6 +92,48 @@ def test_values_equal_the_plain_expression(backend, case):
         assert torch.equal(a, b)
 
 
+# The CPU kernels run float32 products of at most 64 * 64 * 16 multiply-adds per matrix
+# by register tiles (csrc/cpu/small_products_cpu.cpp): 4 rows x 16 / 8 / 1 columns (nn,
+# tn), 2 x 5..1 dots of 8-float chunks plus a remainder (nt). These sizes reach every
+# tile and remainder, and both sides of the size limit.
+TILE_SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15, 16, 17, 24, 33]
+
+
+@st.composite
+def small_cases(draw):
+    op = draw(st.sampled_from(["bmm_nn", "bmm_nt", "bmm_tn"]))
+    sizes = {c: draw(st.sampled_from(TILE_SIZES)) for c in "MNK"}
+    sizes["B"] = draw(st.integers(1, 3))
+    return op, sizes, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+@needs_native
+@given(case=small_cases())
+def test_small_float32_products_on_every_tile(case):
+    op, sizes, third, seed = case
+    args = operands(op, sizes, torch.float32, third, torch.Generator().manual_seed(seed))
+    out = getattr(products, op)(*args)
+    torch.testing.assert_close(out.double(), plain(op, args), **tol(torch.float32, sizes["K"]))
+
+
+@needs_native
+@params("op", ["bmm_nn", "bmm_nt", "bmm_tn"])
+@params("M,N,K", [(64, 64, 16), (64, 64, 17), (16, 64, 64), (10, 10, 64)])
+def test_small_products_at_the_size_limit_and_across_threads(op, M, N, K):
+    args = operands(op, dict(B=5, M=M, N=N, K=K), torch.float32, True,
+                    torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = getattr(products, op)(*args)
+        torch.set_num_threads(2)
+        two = getattr(products, op)(*args)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one.double(), plain(op, args), **tol(torch.float32, K))
+    assert torch.equal(one, two)  # each matrix summed in one order, whatever the threads
+
+
 def _grad_args(op, third):
     gen = torch.Generator().manual_seed(0)
     return operands(op, dict(B=3, M=4, N=5, K=2), torch.float64, third, gen,

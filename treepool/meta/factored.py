@@ -9,7 +9,15 @@ With few shots, a task's adapted weight after j inner steps from a node's weight
     x W_t^T = x W^T - sum_j lr_j * (x B_j^T) A_j
 
 so the tasks of a node share one GEMM with W and add rank-N corrections; no
-``[T, out, in]`` weight or gradient is ever built.  A_j is the gradient of the loss
+``[T, out, in]`` weight or gradient is ever built.  The bias's steps are the same rows
+summed, ``b_t = b - sum_j lr_j 1^T A_j``, so with the step coefficients per row of the
+factors (c_w = -lr_j for W, c_b = -lr_j for b, each step's own rates)
+
+    z_t = x W^T + b + (c_w * (x B^T) + c_b) A            (A, B: every step's rows)
+
+one small product more per layer gives the task's weight and bias: the node's bias is
+added by the node's GEMM and no per-task bias, its update or its gradient is ever
+built either.  A_j is the gradient of the loss
 w.r.t. a zero *probe* added to the layer's output z, B_j the layer's input recorded in
 the forward; both are ordinary functions of the meta-parameters, so autograd gives the
 exact first- or second-order meta-gradient (float64 tests against the dense form).
@@ -77,21 +85,23 @@ class LeafPlan(NamedTuple):
 
 class _Layer:
     """Per-task state of one factored layer inside the batched computation: the node's
-    weight, the task's bias, and the task's steps so far as one low-rank term
-    ``A^T B`` (``a`` [R, out] holding ``-lr_j * A_j`` of every step j, the descent's
-    sign included, ``b`` [R, in] the B_j, stacked along R = N * steps), so that a
-    forward is two extra products however many steps came before."""
+    weight and bias, and the task's steps so far as one low-rank term (``a`` [R, out]
+    the A_j of every step j, ``b`` [R, in] the B_j, stacked along R = N * steps, and
+    ``coef`` = (c_w, c_b), their rows' coefficients [R], see the module docstring), so
+    that a forward is two extra products however many steps came before."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor] = None,
-                 b: Optional[Tensor] = None, probe: Optional[Tensor] = None):
+                 b: Optional[Tensor] = None, coef=None, probe: Optional[Tensor] = None):
         self.weight, self.bias, self.a, self.b, self.probe = weight, bias, a, b, probe
+        self.coef = coef
         self.seen: Optional[Tensor] = None
 
     def forward(self, x: Tensor) -> Tensor:
         z = F.linear(x, self.weight, self.bias)
         if self.a is not None:
             flat = x.reshape(-1, x.shape[-1])
-            z = z + (flat @ self.b.transpose(0, 1) @ self.a).view(z.shape)
+            rows = _coefficients(flat @ self.b.transpose(0, 1), *self.coef)
+            z = z + (rows @ self.a).view(z.shape)
         if self.probe is not None:
             self.seen = x
             z = z + self.probe
@@ -263,6 +273,9 @@ class FactoredLinears:
         lead = (T,) if shared else (groups, T // groups)
         low_rank, names = tuple(names), tuple(names) + tuple(in_place)
         weights = {n: base[f"{n}.weight"] for n in names}
+        # the node parameters the tasks share: every weight, the low-rank layers' biases
+        node = {**weights, **{f"{n}.bias": base[f"{n}.bias"] for n in low_rank
+                              if f"{n}.bias" in base}}
         factored = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
 
         def per_task(t: Tensor) -> Tensor:  # node rows -> stride-0 per-task views
@@ -280,47 +293,52 @@ class FactoredLinears:
             return rows.expand(T // m, m, rows.shape[2], d).reshape(*lead, rows.shape[2], d)
 
         dense = {k: per_task(v) for k, v in base.items() if k not in factored}
-        biases = {n: per_task(base[f"{n}.bias"]) for n in names if f"{n}.bias" in base}
-        a_terms: Dict[str, Tensor] = {}  # -lr_j A_j of every step so far, [*lead, R, out]
+        biases = {n: per_task(base[f"{n}.bias"]) for n in in_place if f"{n}.bias" in base}
+        a_terms: Dict[str, Tensor] = {}  # A_j of every step so far, [*lead, R, out]
         b_terms: Dict[str, Tensor] = {}  # B of every step so far, [*lead, R, in]
-        # plain MLPs (direct): a node step's rows stay the node's, (m, -lr_j A_j / m, B_j)
-        # with [T / m, m N, out] and [T / m, m N, in], one product per node, not per task
-        node_terms: Dict[str, List[Tuple[int, Tensor, Tensor]]] = {}
+        coefs: Dict[str, Coefficients] = {}  # their rows' (c_w, c_b), [R] each
+        # plain MLPs (direct): a node step's rows stay the node's, (m, A_j / m, B_j, c_w,
+        # c_b) with [T / m, m N, out], [T / m, m N, in] and scalars: one product per node
+        node_terms: Dict[str, List[Tuple[int, Tensor, Tensor, Tensor, Optional[Tensor]]]] = {}
         adapted: Dict[str, Tensor] = {}  # the in-place layers' task weights (constants), [T, out, in]
         data = [t if shared else _blocks(t, groups) for t in (sx, sy, qx, qy)]
 
-        def layers_of(task, node, probes=None):
-            return {n: _Layer(node[n], task["bias"].get(n), task["A"].get(n), task["B"].get(n),
-                              None if probes is None else probes[n]) for n in names}
+        def layers_of(task, node, coef, probes=None):
+            return {n: _Layer(node[n], node.get(f"{n}.bias"), task["A"].get(n), task["B"].get(n),
+                              coef.get(n), None if probes is None else probes[n])
+                    for n in names}
 
-        def support_loss(task, node):
-            layers = layers_of(task, node, task["probe"])
+        def support_loss(task, node, coef):
+            layers = layers_of(task, node, coef, task["probe"])
             with self._active(layers):
                 loss = loss_fn(self.fns(task["dense"], task["x"]), task["y"])
             return loss, {n: layers[n].seen for n in names}
 
-        def query_loss(task, node):
-            with self._active(layers_of(task, node)):
+        def query_loss(task, node, coef):
+            with self._active(layers_of(task, node, coef)):
                 return loss_fn(self.fns(task["dense"], task["x"]), task["y"])
 
         direct = self._direct(names, lead, sx, loss_fn, in_place)
         if in_place and (direct is None or create_graph):
             raise ValueError("in-place layers need first order and a plain MLP (in_place_layers)")
         support = direct or self._batched(support_loss, shared)
-        # first order: the factors and the node weights are constants of the inner steps
-        keep = (lambda t: t) if create_graph else (lambda t: t.detach())
+        # first order: the factors, their coefficients and the node weights are constants
+        # of the inner steps
+        def keep(t: Optional[Tensor]) -> Optional[Tensor]:
+            return t if create_graph or t is None else t.detach()
         for lr, m in zip(rates, pools):
             def total(variables):  # the dense parameters and the probes: their gradients
                 task = {"dense": {k: variables[k] for k in dense},
                         "bias": {n: keep(b) for n, b in biases.items()},
                         "A": {n: keep(a) for n, a in a_terms.items()},
                         "B": {n: keep(b) for n, b in b_terms.items()},
-                        "nodes": {n: [(k, keep(a), keep(b)) for k, a, b in terms]
+                        "nodes": {n: [(k, *map(keep, term)) for k, *term in terms]
                                   for n, terms in node_terms.items()},
                         "W": adapted,
                         "probe": {n: variables[f"probe:{n}"] for n in names},
                         "x": data[0], "y": data[1]}
-                losses, seen = support(task, {n: keep(w) for n, w in weights.items()})
+                losses, seen = support(task, {k: keep(v) for k, v in node.items()},
+                                       {n: Coefficients(*map(keep, c)) for n, c in coefs.items()})
                 return losses.sum(), seen
             probes = {f"probe:{n}": torch.zeros((), dtype=weights[n].dtype, device=weights[n].device)
                       .expand(*lead, *out_shapes[n]) for n in names}  # zeros, stride 0
@@ -340,34 +358,37 @@ class FactoredLinears:
                 elif m > 1:
                     a, b = block_rows(a / m, m), block_rows(b, m)
                 w_rate = lr[f"{n}.weight"] if isinstance(lr, dict) else lr
-                descent = a * -w_rate  # the step's rows of W_t - W: -lr A^T B
+                b_rate = (lr[f"{n}.bias"] if isinstance(lr, dict) else lr) \
+                    if f"{n}.bias" in base else None
+                if n not in low_rank:  # in place: W_t - lr A^T B, b_t - lr 1^T A
+                    adapted[n] = _descend_in_place(adapted.get(n), w.detach(), a * -w_rate, b, T)
+                    if n in biases:
+                        biases[n] = biases[n] - b_rate * a.sum(-2)
+                    continue
+                step = Coefficients.of(w_rate, b_rate, a)
                 if per_node:
-                    node_terms.setdefault(n, []).append((m, descent, b))
-                elif n in low_rank:
-                    a_terms[n] = descent if n not in a_terms else torch.cat([a_terms[n], descent], -2)
-                    b_terms[n] = b if n not in b_terms else torch.cat([b_terms[n], b], -2)
+                    node_terms.setdefault(n, []).append((m, a, b, *step))
+                elif n not in a_terms:
+                    a_terms[n], b_terms[n] = a, b
+                    coefs[n] = step.per_row(a.shape[-2])
                 else:
-                    adapted[n] = _descend_in_place(adapted.get(n), w.detach(), descent, b, T)
-                if n in biases:
-                    b_rate = lr[f"{n}.bias"] if isinstance(lr, dict) else lr
-                    step = a.sum(-2)
-                    if per_node:  # the node's mean bias gradient, for each of its tasks
-                        step = step.unsqueeze(1).expand(T // m, m, step.shape[-1]).reshape(*lead, -1)
-                    biases[n] = biases[n] - b_rate * step
+                    a_terms[n] = torch.cat([a_terms[n], a], -2)
+                    b_terms[n] = torch.cat([b_terms[n], b], -2)
+                    coefs[n] = coefs[n].join(step.per_row(a.shape[-2]))
         task = {"dense": dense, "bias": biases, "A": a_terms, "B": b_terms, "nodes": node_terms,
                 "W": adapted, "x": data[2], "y": data[3]}
         if direct is not None:
-            return direct(task, weights)[0].reshape(-1)
-        return self._batched(query_loss, shared)(task, weights).reshape(-1)
+            return direct(task, node, coefs)[0].reshape(-1)
+        return self._batched(query_loss, shared)(task, node, coefs).reshape(-1)
 
     def _direct(self, names: Sequence[str], lead: Tuple[int, ...], x: Inputs, loss_fn: LossFn,
                 in_place: Sequence[str] = ()):
-        """``fn(task, node) -> (losses, inputs)`` like the vmapped support loss, for a
+        """``fn(task, node, coef) -> (losses, inputs)`` like the vmapped support loss, for a
         plain sequential MLP run as batched products without vmap (BatchedMLP): the
         per-task tensors of ``task`` (leading dims ``lead``) are taken as ``[T, ...]``;
-        a factored layer computes ``x W^T - (x B^T) A + b (+ probe)`` by batched
-        products, each node's W shared by its block of tasks; an ``in_place`` layer runs
-        :class:`_InPlaceLinear`.  None for other models."""
+        a factored layer computes ``x W^T + b + (c_w (x B^T) + c_b) A (+ probe)`` by
+        batched products, each node's W and b shared by its block of tasks; an
+        ``in_place`` layer runs :class:`_InPlaceLinear`.  None for other models."""
         mlp = self.fns.batched_mlp(x)
         if mlp is None:
             return None
@@ -376,22 +397,24 @@ class FactoredLinears:
         def flat(t: Optional[Tensor]) -> Optional[Tensor]:
             return None if t is None else t.reshape(T, *t.shape[len(lead):])
 
-        def run(task, node):
+        def run(task, node, coef):
             seen: Dict[str, Tensor] = {}
             probes = task.get("probe", {})
 
             def factored(name):
                 def forward(h: Tensor) -> Tensor:
                     seen[name] = h.reshape(*lead, *h.shape[1:])
-                    bias, probe = flat(task["bias"].get(name)), flat(probes.get(name))
+                    probe = flat(probes.get(name))
                     if name in in_place:
                         rows = h.reshape(T, -1, h.shape[-1])
-                        z = _InPlaceLinear.apply(rows, task["W"].get(name), node[name], bias,
+                        z = _InPlaceLinear.apply(rows, task["W"].get(name), node[name],
+                                                 flat(task["bias"].get(name)),
                                                  None if probe is None else probe.reshape(
                                                      T, rows.shape[1], -1))
                         return z.reshape(*h.shape[:-1], z.shape[-1])
-                    return _factored_linear(h, node[name], bias, flat(task["A"].get(name)),
-                                            flat(task["B"].get(name)), probe,
+                    return _factored_linear(h, node[name], node.get(f"{name}.bias"),
+                                            flat(task["A"].get(name)), flat(task["B"].get(name)),
+                                            coef.get(name), probe,
                                             task["nodes"].get(name, ()))
                 return forward
             dense = {k: flat(v) for k, v in task["dense"].items()}
@@ -401,12 +424,13 @@ class FactoredLinears:
         return run
 
     def _batched(self, fn, shared: bool):
-        """``fn(task, node)`` over every task: ``task`` holds per-task tensors, ``node``
-        the node parameters (unbatched when ``shared``, else one per group of tasks)."""
-        inner = torch.func.vmap(fn, in_dims=(0, None), randomness=self.fns.randomness)
+        """``fn(task, node, coef)`` over every task: ``task`` holds per-task tensors,
+        ``node`` the node parameters (unbatched when ``shared``, else one per group of
+        tasks), ``coef`` the low-rank rows' coefficients (shared by every task)."""
+        inner = torch.func.vmap(fn, in_dims=(0, None, None), randomness=self.fns.randomness)
         if shared:
             return inner
-        return torch.func.vmap(inner, in_dims=(0, 0), randomness=self.fns.randomness)
+        return torch.func.vmap(inner, in_dims=(0, 0, None), randomness=self.fns.randomness)
 
 
 def _learned(rate) -> bool:
@@ -494,35 +518,64 @@ class _InPlaceLinear(torch.autograd.Function):
 
 
 def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
-                     b: Optional[Tensor], probe: Optional[Tensor],
-                     node_terms: Sequence[Tuple[int, Tensor, Tensor]] = ()) -> Tensor:
-    """A factored layer on every task's input ``h`` [T, ..., in]: ``h W^T + (h B^T) A
-    + bias + probe`` with the node weight W unbatched or ``[groups, out, in]`` (node g
-    owning the g-th block of T / groups tasks), the per-task A [T, R, out] (the steps'
-    -lr_j A_j), B [T, R, in], bias [T, out] and probe [T, ..., out].  The correction
-    accumulates into z in one baddbmm: no separate subtraction, forward or backward.
-    ``node_terms``: the node steps' rows, (m, A [T / m, m N, out], B [T / m, m N, in]),
-    each node's m consecutive tasks sharing them; their product runs per node on the
-    node's stacked rows, ``(h_c B_c^T) A_c``: the same multiply-adds as per task, in
-    T / m larger products and without copying the rows to every task."""
+                     b: Optional[Tensor], coef: Optional["Coefficients"], probe: Optional[Tensor],
+                     node_terms: Sequence[Tuple[int, Tensor, Tensor, Tensor, Optional[Tensor]]] = ()
+                     ) -> Tensor:
+    """A factored layer on every task's input ``h`` [T, ..., in]: ``h W^T + b + (c_w
+    (h B^T) + c_b) A + probe`` with the node weight W and bias b unbatched or
+    ``[groups, ...]`` (node g owning the g-th block of T / groups tasks; the bias is
+    added by the node's product), the per-task A [T, R, out], B [T, R, in], their rows'
+    coefficients ``coef`` = (c_w, c_b) [R] (module docstring) and probe [T, ..., out].
+    The correction accumulates into z in one baddbmm: no separate addition, forward or
+    backward.  ``node_terms``: the node steps' rows, (m, A [T / m, m N, out], B [T / m,
+    m N, in], c_w, c_b), each node's m consecutive tasks sharing them; their product
+    runs per node on the node's stacked rows, ``(c_w h_c B_c^T + c_b) A_c``: the same
+    multiply-adds as per task, in T / m larger products and without copying the rows
+    to every task."""
     T, in_features = h.shape[0], h.shape[-1]
     rows = h.reshape(T, -1, in_features)
     if weight.dim() == 2:
-        z = F.linear(rows, weight)
+        z = F.linear(rows, weight, bias)
     else:
         groups = weight.shape[0]
-        z = products.bmm_nt(rows.reshape(groups, -1, in_features), weight)
+        z = products.bmm_nt(rows.reshape(groups, -1, in_features), weight, bias)
         z = z.reshape(T, rows.shape[1], -1)
     if a is not None:
-        z = products.bmm_nn(products.bmm_nt(rows, b), a, z)
-    for m, node_a, node_b in node_terms:
+        z = products.bmm_nn(_coefficients(products.bmm_nt(rows, b), *coef), a, z)
+    for m, node_a, node_b, c_w, c_b in node_terms:
         stacked = rows.reshape(T // m, -1, in_features)
-        z = products.bmm_nn(products.bmm_nt(stacked, node_b), node_a,
+        z = products.bmm_nn(_coefficients(products.bmm_nt(stacked, node_b), c_w, c_b), node_a,
                             z.reshape(T // m, -1, z.shape[-1])).view(z.shape)
-    if bias is not None:
-        z = z + bias.unsqueeze(1)
     z = z.reshape(*h.shape[:-1], z.shape[-1])
     return z if probe is None else z + probe
+
+
+class Coefficients(NamedTuple):
+    """The coefficients of low-rank rows (module docstring): ``w`` scales a row's
+    product with the input (the weight's step, -lr_j), ``b`` is added to it (the bias's
+    step, -lr_j of the bias; None without a bias).  0-dim for one step's rows, [R] for
+    stacked steps."""
+    w: Tensor
+    b: Optional[Tensor]
+
+    @classmethod
+    def of(cls, w_rate, b_rate, like: Tensor) -> "Coefficients":
+        """One step's, from its rates (floats or 0-dim tensors, learned ones included)."""
+        def minus(rate):
+            return None if rate is None else -torch.as_tensor(rate, dtype=like.dtype,
+                                                               device=like.device)
+        return cls(minus(w_rate), minus(b_rate))
+
+    def per_row(self, rows: int) -> "Coefficients":
+        return Coefficients(*(None if c is None else c.expand(rows) for c in self))
+
+    def join(self, other: "Coefficients") -> "Coefficients":
+        return Coefficients(*(None if c is None else torch.cat([c, d]) for c, d in zip(self, other)))
+
+
+def _coefficients(products_: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """``w * p + b`` over the last dim of the rows' products p (b None: ``w * p``)."""
+    return products_ * w if b is None else torch.addcmul(b, products_, w)
 
 
 def _blocks(x: Inputs, groups: int) -> Inputs:

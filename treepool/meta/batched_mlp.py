@@ -113,10 +113,11 @@ def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Ten
     B, out_features, in_features = weight.shape
     rows = h if h.dim() == 3 else h.reshape(B, -1, in_features)
     fused_bias = bias if b_batched else None          # added by the product itself
+    # squeeze, not [..., 0]: a view whose gradient is a view (select's writes zeros)
     if h.device.type == "cpu" and in_features == 1:   # [B, N] outer [B, out] (+ b)
-        z = products.outer(rows[..., 0], weight[..., 0], fused_bias)
+        z = products.outer(rows.squeeze(-1), weight.squeeze(-1), fused_bias)
     elif h.device.type == "cpu" and out_features == 1:
-        z = products.row_dot(rows, weight[:, 0]).unsqueeze(-1)
+        z = products.row_dot(rows, weight.squeeze(1)).unsqueeze(-1)
         fused_bias = None
     else:
         z = products.bmm_nt(rows, weight, fused_bias)

@@ -92,6 +92,15 @@ def test_bench_meta_quick(tmp_path):
     assert (tmp_path / "trace" / "bench_meta_treemaml.json").stat().st_size > 0
 
 
+def test_bench_products_quick(tmp_path):
+    out = run_script("bench_products.py", "--quick", "--json", str(tmp_path / "products.json"))
+    assert "| leaf h B^T, w64 10-shot | nt |" in out and "treepool / torch" in out
+    data = json.loads((tmp_path / "products.json").read_text())
+    assert {r["form"] for r in data["rows"]} == {"nn", "nt", "tn"}
+    assert all(r["treepool_us"] > 0 and r["torch_us"] > 0 and
+               r["ratio_min"] <= r["ratio"] <= r["ratio_max"] for r in data["rows"])
+
+
 def test_ab_meta_smoke():
     """ab_meta.py end to end on tiny cells: every switch, the forced in-place layers and a
     baseline; the figures come from running it on real cells."""

@@ -10,8 +10,8 @@
 //
 // The loops run for float32 on x86-64 CPUs with AVX2 and FMA (checked at run time; the
 // functions are compiled for that target alone), contiguous operands, and matrices of
-// at most SMALL_PRODUCT_MACS multiply-adds; else ATen's bmm (MKL) runs, which is
-// faster on larger matrices. Two tiles:
+// at most SMALL_PRODUCT_MACS multiply-adds (nt: and at most SMALL_NT_COLUMNS output
+// columns); else ATen's bmm (MKL) runs, which is faster on larger matrices. Two tiles:
 //
 //   rows:  out[i, j:j+16] = init + sum_k a(i, k) y[k, j:j+16]   for 4 rows i at a time
 //          (nn: a(i, k) = x[i, k]; tn: a(i, k) = x[k, i]), y's rows contiguous;
@@ -43,6 +43,10 @@ using at::Tensor;
 // Above this many multiply-adds per matrix ATen's bmm is faster (measured: [10, 64] x
 // [64, 64]^T per matrix 0.9x of ATen at 41k, [160, 64] x [64, 64]^T 1.9x slower at 655k).
 constexpr int64_t SMALL_PRODUCT_MACS = 64 * 64 * 16;
+// The dot tiles of nt reduce every output across a vector (a few ops per output): they
+// win for few output columns, ATen's bmm beyond (per matrix [10, 64] x [64, 64]^T: 472
+// against 372 us for 256 matrices; [10, 64] x [10, 64]^T: 78 against 160 us).
+constexpr int64_t SMALL_NT_COLUMNS = 16;
 
 #if TREEPOOL_SMALL_PRODUCTS
 
@@ -179,54 +183,45 @@ bool small(std::initializer_list<const Tensor*> operands, int64_t M, int64_t K, 
          cpu_has_avx2_fma();
 }
 
-// Runs per_matrix(b) for every matrix b of the batch, about GRAIN_SIZE multiply-adds per
-// task of the pool (no fork for small batches).
+// A new [B, M, N] float tensor whose matrix b is filled by per_matrix(b, its data), about
+// GRAIN_SIZE multiply-adds (K per output) per task of the pool (no fork for small batches).
 template <typename F>
-void each_matrix(int64_t B, int64_t macs, const F& per_matrix) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(macs, 1));
+Tensor each_matrix(const Tensor& like, int64_t B, int64_t M, int64_t N, int64_t K,
+                   const F& per_matrix) {
+  Tensor out = at::empty({B, M, N}, like.options());
+  float* data = out.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(M * N * K, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) per_matrix(b);
+    for (int64_t b = begin; b < end; ++b) per_matrix(b, data + b * M * N);
   });
+  return out;
 }
 
 Tensor nn_loops(const Tensor& x, const Tensor& y, const std::optional<Tensor>& acc) {
   const int64_t B = x.size(0), M = x.size(1), K = x.size(2), N = y.size(2);
-  Tensor out = at::empty({B, M, N}, x.options());
-  const float* xp = x.const_data_ptr<float>();
-  const float* yp = y.const_data_ptr<float>();
+  const float *xp = x.const_data_ptr<float>(), *yp = y.const_data_ptr<float>();
   const float* ap = acc ? acc->const_data_ptr<float>() : nullptr;
-  float* op = out.mutable_data_ptr<float>();
-  each_matrix(B, M * N * K, [&](int64_t b) {
-    rows_product(xp + b * M * K, K, 1, yp + b * K * N, op + b * M * N,
-                 ap ? ap + b * M * N : nullptr, M, K, N);
+  return each_matrix(x, B, M, N, K, [&](int64_t b, float* out) {
+    rows_product(xp + b * M * K, K, 1, yp + b * K * N, out, ap ? ap + b * M * N : nullptr, M,
+                 K, N);
   });
-  return out;
 }
 
 Tensor nt_loops(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias) {
   const int64_t B = x.size(0), M = x.size(1), K = x.size(2), N = y.size(1);
-  Tensor out = at::empty({B, M, N}, x.options());
-  const float* xp = x.const_data_ptr<float>();
-  const float* yp = y.const_data_ptr<float>();
+  const float *xp = x.const_data_ptr<float>(), *yp = y.const_data_ptr<float>();
   const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
-  float* op = out.mutable_data_ptr<float>();
-  each_matrix(B, M * N * K, [&](int64_t b) {
-    dots_product(xp + b * M * K, yp + b * N * K, bp ? bp + b * N : nullptr, M, K, N,
-                 op + b * M * N);
+  return each_matrix(x, B, M, N, K, [&](int64_t b, float* out) {
+    dots_product(xp + b * M * K, yp + b * N * K, bp ? bp + b * N : nullptr, M, K, N, out);
   });
-  return out;
 }
 
 Tensor tn_loops(const Tensor& x, const Tensor& y) {
   const int64_t B = x.size(0), K = x.size(1), M = x.size(2), N = y.size(2);
-  Tensor out = at::empty({B, M, N}, x.options());
-  const float* xp = x.const_data_ptr<float>();
-  const float* yp = y.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
-  each_matrix(B, M * N * K, [&](int64_t b) {
-    rows_product(xp + b * K * M, 1, M, yp + b * K * N, op + b * M * N, nullptr, M, K, N);
+  const float *xp = x.const_data_ptr<float>(), *yp = y.const_data_ptr<float>();
+  return each_matrix(x, B, M, N, K, [&](int64_t b, float* out) {
+    rows_product(xp + b * K * M, 1, M, yp + b * K * N, out, nullptr, M, K, N);
   });
-  return out;
 }
 
 #endif  // TREEPOOL_SMALL_PRODUCTS
@@ -243,7 +238,8 @@ Tensor bmm_nn_cpu(const Tensor& x, const Tensor& y, const std::optional<Tensor>&
 Tensor bmm_nt_cpu(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias) {
   products::check_bmm_nt(x, y, bias);
 #if TREEPOOL_SMALL_PRODUCTS
-  if (small({&x, &y, bias ? &*bias : nullptr}, x.size(1), x.size(2), y.size(1)))
+  if (y.size(1) <= SMALL_NT_COLUMNS &&
+      small({&x, &y, bias ? &*bias : nullptr}, x.size(1), x.size(2), y.size(1)))
     return nt_loops(x, y, bias);
 #endif
   return products::bmm_nt(x, y, bias);

@@ -94,8 +94,8 @@ def test_values_equal_the_plain_expression(backend, case):
 
 # The CPU kernels run float32 products of at most 64 * 64 * 16 multiply-adds per matrix
 # by register tiles (csrc/cpu/small_products_cpu.cpp): 4 rows x 16 / 8 / 1 columns (nn,
-# tn), 2 x 5..1 dots of 8-float chunks plus a remainder (nt). These sizes reach every
-# tile and remainder, and both sides of the size limit.
+# tn), 2 x 5..1 dots of 8-float chunks plus a remainder (nt, at most 16 columns). These
+# sizes reach every tile and remainder, and both sides of the size limits.
 TILE_SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15, 16, 17, 24, 33]
 
 
@@ -118,7 +118,8 @@ def test_small_float32_products_on_every_tile(case):
 
 @needs_native
 @params("op", ["bmm_nn", "bmm_nt", "bmm_tn"])
-@params("M,N,K", [(64, 64, 16), (64, 64, 17), (16, 64, 64), (10, 10, 64)])
+@params("M,N,K", [(64, 64, 16), (64, 64, 17), (16, 64, 64), (10, 10, 64), (10, 16, 64),
+                  (10, 17, 64)])
 def test_small_products_at_the_size_limit_and_across_threads(op, M, N, K):
     args = operands(op, dict(B=5, M=M, N=N, K=K), torch.float32, True,
                     torch.Generator().manual_seed(1))

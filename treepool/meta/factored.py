@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import products
-from .batched_mlp import per_task_losses
+from .batched_mlp import LayerRule, per_task_losses
 from .functional import (Inputs, LossFn, ModelFunctions, Params, as_tuple, batched_grads,
                          exact_norms)
 from .schedule import descend
@@ -321,29 +321,40 @@ class FactoredLinears:
         direct = self._direct(names, lead, sx, loss_fn, in_place)
         if in_place and (direct is None or create_graph):
             raise ValueError("in-place layers need first order and a plain MLP (in_place_layers)")
-        support = direct or self._batched(support_loss, shared)
+        support = direct.losses if direct else self._batched(support_loss, shared)
         # first order: the factors, their coefficients and the node weights are constants
         # of the inner steps
         def keep(t: Optional[Tensor]) -> Optional[Tensor]:
             return t if create_graph or t is None else t.detach()
         for lr, m in zip(rates, pools):
-            def total(variables):  # the dense parameters and the probes: their gradients
-                task = {"dense": {k: variables[k] for k in dense},
+            def support_task(variables, probes=None):
+                return {"dense": {k: variables[k] for k in dense},
                         "bias": {n: keep(b) for n, b in biases.items()},
                         "A": {n: keep(a) for n, a in a_terms.items()},
                         "B": {n: keep(b) for n, b in b_terms.items()},
                         "nodes": {n: [(k, *map(keep, term)) for k, *term in terms]
                                   for n, terms in node_terms.items()},
-                        "W": adapted,
-                        "probe": {n: variables[f"probe:{n}"] for n in names},
-                        "x": data[0], "y": data[1]}
+                        "W": adapted, "probe": probes or {}, "x": data[0], "y": data[1]}
+
+            def total(variables):  # the dense parameters and the probes: their gradients
+                task = support_task(variables, {n: variables[f"probe:{n}"] for n in names})
                 losses, seen = support(task, {k: keep(v) for k, v in node.items()},
                                        {n: Coefficients(*map(keep, c)) for n, c in coefs.items()})
                 return losses.sum(), seen
-            probes = {f"probe:{n}": torch.zeros((), dtype=weights[n].dtype, device=weights[n].device)
-                      .expand(*lead, *out_shapes[n]) for n in names}  # zeros, stride 0
-            with exact_norms(self.fns.model) if create_graph else contextlib.nullcontext():
-                grads, seen = batched_grads({**dense, **probes}, create_graph, total, has_aux=True)
+            manual = None
+            if direct is not None and not create_graph:  # backpropagation without autograd
+                manual = direct.first_order_grads(
+                    support_task(dense), {k: v.detach() for k, v in node.items()},
+                    {n: Coefficients(*map(keep, c)) for n, c in coefs.items()})
+            if manual is not None:
+                grads, seen = manual
+            else:
+                probes = {f"probe:{n}": torch.zeros((), dtype=weights[n].dtype,
+                                                    device=weights[n].device)
+                          .expand(*lead, *out_shapes[n]) for n in names}  # zeros, stride 0
+                with exact_norms(self.fns.model) if create_graph else contextlib.nullcontext():
+                    grads, seen = batched_grads({**dense, **probes}, create_graph, total,
+                                                has_aux=True)
             dense = descend(dense, {k: grads[k] if m == 1 else pooled(grads[k], m)
                                     for k in dense}, lr)
             for n in names:
@@ -378,13 +389,16 @@ class FactoredLinears:
         task = {"dense": dense, "bias": biases, "A": a_terms, "B": b_terms, "nodes": node_terms,
                 "W": adapted, "x": data[2], "y": data[3]}
         if direct is not None:
-            return direct(task, node, coefs)[0].reshape(-1)
+            return direct.losses(task, node, coefs)[0].reshape(-1)
         return self._batched(query_loss, shared)(task, node, coefs).reshape(-1)
 
     def _direct(self, names: Sequence[str], lead: Tuple[int, ...], x: Inputs, loss_fn: LossFn,
-                in_place: Sequence[str] = ()):
-        """``fn(task, node, coef) -> (losses, inputs)`` like the vmapped support loss, for a
-        plain sequential MLP run as batched products without vmap (BatchedMLP): the
+                in_place: Sequence[str] = ()) -> Optional["_Direct"]:
+        """For a plain sequential MLP run as batched products without vmap (BatchedMLP):
+        ``losses(task, node, coef) -> (losses, inputs)`` like the vmapped support loss,
+        and ``first_order_grads(task, node, coef)``, the same step's gradients without
+        autograd (:meth:`BatchedMLP.first_order_grads`): ``({dense name: grad},
+        {probe:name: dL/dz}, ...)`` as the autograd pass over the probes gives them.  The
         per-task tensors of ``task`` (leading dims ``lead``) are taken as ``[T, ...]``;
         a factored layer computes ``x W^T + b + (c_w (x B^T) + c_b) A (+ probe)`` by
         batched products, each node's W and b shared by its block of tasks; an
@@ -421,7 +435,31 @@ class FactoredLinears:
             out = mlp(dense, flat(task["x"]), 1, {n: factored(n) for n in names})
             losses = per_task_losses(loss_fn, out, flat(task["y"]), 1)
             return losses.reshape(lead), seen
-        return run
+
+        def rule(name, task, node, coef) -> LayerRule:
+            if name in in_place:
+                w_t, w, bias = task["W"].get(name), node[name], flat(task["bias"].get(name))
+                return LayerRule(lambda h: _in_place_forward(h, w_t, w, bias, None),
+                                 lambda g: _in_place_input_grad(g, w_t, w))
+            terms = (node[name], flat(task["A"].get(name)), flat(task["B"].get(name)),
+                     coef.get(name), task["nodes"].get(name, ()))
+            return LayerRule(lambda h: _factored_linear(h, terms[0], node.get(f"{name}.bias"),
+                                                        *terms[1:4], None, terms[4]),
+                             lambda g: _factored_input_grad(g, *terms))
+
+        def first_order_grads(task, node, coef):
+            dense = {k: flat(v) for k, v in task["dense"].items()}
+            out = mlp.first_order_grads(dense, flat(task["x"]), flat(task["y"]), loss_fn,
+                                        False, 1, rules={n: rule(n, task, node, coef)
+                                                         for n in names})
+            if out is None:
+                return None
+            grads, seen = out
+            per_task = {k: g.reshape(*lead, *g.shape[1:]) for k, g in grads.items()}
+            for n, (dz, h) in seen.items():
+                per_task[f"probe:{n}"] = dz.reshape(*lead, *dz.shape[1:])
+            return per_task, {n: h.reshape(*lead, *h.shape[1:]) for n, (_, h) in seen.items()}
+        return _Direct(run, first_order_grads)
 
     def _batched(self, fn, shared: bool):
         """``fn(task, node, coef)`` over every task: ``task`` holds per-task tensors,
@@ -480,17 +518,7 @@ class _InPlaceLinear(torch.autograd.Function):
         # (ctx-style forward: a setup_context makes every apply bind the arguments with
         # inspect.signature, ~40 us)
         ctx.save_for_backward(h, adapted, node)
-        if adapted is not None:  # per-task [10, 64] x [64, 64]^T: the small products' loops
-            z = products.bmm_nt(h, adapted, bias)
-            return z if probe is None else z.add_(probe)
-        if node.dim() == 2:
-            z = h @ node.t()
-        else:
-            z = torch.bmm(h.reshape(node.shape[0], -1, h.shape[-1]), node.transpose(1, 2))
-            z = z.view(h.shape[0], h.shape[1], -1)
-        if bias is not None:
-            z.add_(bias.unsqueeze(1))
-        return z if probe is None else z.add_(probe)
+        return _in_place_forward(h, adapted, node, bias, probe)
 
     @staticmethod
     def backward(ctx, g):
@@ -499,15 +527,11 @@ class _InPlaceLinear(torch.autograd.Function):
         groups = 0 if node.dim() == 2 else node.shape[0]
         grad_h = grad_node = None
         if need_h:
-            if adapted is not None:
-                if torch.is_grad_enabled():  # double backward: dh depends on W through W_t
-                    per_task = _per_task(node, g.shape[0])
-                    adapted = adapted + (per_task - per_task.detach())
-                grad_h = products.bmm_nn(g, adapted)
-            elif groups == 0:
-                grad_h = g @ node
-            else:
-                grad_h = torch.bmm(g.reshape(groups, -1, g.shape[-1]), node).view(h.shape)
+            if adapted is not None and torch.is_grad_enabled():
+                # double backward: dh depends on W through W_t
+                per_task = _per_task(node, g.shape[0])
+                adapted = adapted + (per_task - per_task.detach())
+            grad_h = _in_place_input_grad(g, adapted, node)
         if need_node:
             if groups == 0:
                 grad_node = g.reshape(-1, g.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
@@ -516,6 +540,56 @@ class _InPlaceLinear(torch.autograd.Function):
                                       h.reshape(groups, -1, h.shape[-1]))
         grad_bias = g.sum(1) if need_bias else None
         return grad_h, None, grad_node, grad_bias, (g if need_probe else None)
+
+
+def _in_place_forward(h: Tensor, adapted: Optional[Tensor], node: Tensor, bias: Optional[Tensor],
+                      probe: Optional[Tensor]) -> Tensor:
+    """:class:`_InPlaceLinear`'s value, ``h_t W_t^T + b_t + probe_t``."""
+    if adapted is not None:  # per-task [10, 64] x [64, 64]^T: the small products' loops
+        z = products.bmm_nt(h, adapted, bias)
+        return z if probe is None else z.add_(probe)
+    if node.dim() == 2:
+        z = h @ node.t()
+    else:
+        z = torch.bmm(h.reshape(node.shape[0], -1, h.shape[-1]), node.transpose(1, 2))
+        z = z.view(h.shape[0], h.shape[1], -1)
+    if bias is not None:
+        z.add_(bias.unsqueeze(1))
+    return z if probe is None else z.add_(probe)
+
+
+def _in_place_input_grad(g: Tensor, adapted: Optional[Tensor], node: Tensor) -> Tensor:
+    """``dh_t = g_t W_t`` of :class:`_InPlaceLinear` (W_t: ``adapted``, or the node's)."""
+    if adapted is not None:
+        return products.bmm_nn(g, adapted)
+    if node.dim() == 2:
+        return g @ node
+    return torch.bmm(g.reshape(node.shape[0], -1, g.shape[-1]), node).view(
+        g.shape[0], g.shape[1], -1)
+
+
+def _factored_input_grad(g: Tensor, weight: Tensor, a: Optional[Tensor], b: Optional[Tensor],
+                         coef: Optional["Coefficients"],
+                         node_terms: Sequence[Tuple[int, Tensor, Tensor, Tensor, Optional[Tensor]]]
+                         ) -> Tensor:
+    """The input gradient of :func:`_factored_linear` for g = dL/dz [T, N, out] (first
+    order: A, B and the coefficients constants):
+
+        dh = g W + (c_w * (g A^T)) B         (and the same per node for node_terms)"""
+    T, out_features = g.shape[0], g.shape[-1]
+    rows = g.reshape(T, -1, out_features)
+    if weight.dim() == 2:
+        dh = rows @ weight
+    else:
+        dh = products.bmm_nn(rows.reshape(weight.shape[0], -1, out_features), weight)
+        dh = dh.reshape(T, rows.shape[1], -1)
+    if a is not None:
+        dh = products.bmm_nn(products.bmm_nt(rows, a) * coef.w, b, dh)
+    for m, node_a, node_b, c_w, _ in node_terms:
+        stacked = rows.reshape(T // m, -1, out_features)
+        dh = products.bmm_nn(products.bmm_nt(stacked, node_a) * c_w, node_b,
+                             dh.reshape(T // m, -1, dh.shape[-1])).view(dh.shape)
+    return dh.reshape(*g.shape[:-1], dh.shape[-1])
 
 
 def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optional[Tensor],
@@ -549,6 +623,12 @@ def _factored_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], a: Optio
                             z.reshape(T // m, -1, z.shape[-1])).view(z.shape)
     z = z.reshape(*h.shape[:-1], z.shape[-1])
     return z if probe is None else z + probe
+
+
+class _Direct(NamedTuple):
+    """The leaf steps of a plain MLP without vmap (:meth:`FactoredLinears._direct`)."""
+    losses: Callable
+    first_order_grads: Callable
 
 
 class Coefficients(NamedTuple):

@@ -335,6 +335,11 @@ class ModelFunctions:
         if shared and self.adapts_conv and weights is None:
             loss = self.task_loss(loss_fn) if depth == 1 else self.node_loss(loss_fn)
             return self._shared_grads(loss, params, x, y, create_graph)
+        mlp = None if create_graph else self.batched_mlp(x)
+        if mlp is not None:  # first order on a plain MLP: backpropagation without autograd
+            grads = mlp.first_order_grads(params, x, y, loss_fn, shared, depth, weights)
+            if grads is not None:
+                return grads
 
         def total(p):
             out = self._losses(loss_fn, p, x, y, 1, depth)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from treepool import MAML, TaskTree, TreeMAML
+from treepool.meta import mlp_backprop
 from treepool.meta.batched_mlp import BatchedMLP, per_task_losses
 from treepool.meta.functional import ModelFunctions
 
@@ -219,7 +220,7 @@ def first_order_mlps(draw):
        adapt=st.sampled_from(["all", "weights", "biases", "last"]), seed=st.integers(0, 1000))
 def test_first_order_grads_equal_a_per_row_autograd_loop(case, B, depth, shared, weighted, loss,
                                                           adapt, seed):
-    """BatchedMLP.first_order_grads (backpropagation written out, activations in place)
+    """mlp_backprop.first_order_grads (backpropagation written out, activations in place)
     equals autograd on a loop over the rows: per task (depth 1), per node of m tasks
     (the mean of their losses, or a weighted sum), at shared or per-row parameters, for
     any adapted subset, stacked activations and a final activation; the inputs and
@@ -241,7 +242,8 @@ def test_first_order_grads_equal_a_per_row_autograd_loop(case, B, depth, shared,
                                                                                    dtype=p.dtype))
               for n, p in model.named_parameters() if n in names}
     before = {n: p.clone() for n, p in params.items()}, x.clone()
-    got = BatchedMLP.of(model).first_order_grads(params, x, y, loss, shared, depth, weights)
+    got = mlp_backprop.first_order_grads(BatchedMLP.of(model), params, x, y, loss, shared,
+                                         depth, weights)
     assert got is not None and list(got) == names
     for b in range(B):
         p_b = {n: (p if shared else p[b]).clone().requires_grad_() for n, p in params.items()}
@@ -265,6 +267,7 @@ def test_first_order_grads_leave_other_activations_to_autograd():
         model = nn.Sequential(nn.Linear(2, 3), act, nn.Linear(3, 1)).double()
         params = {n: p.detach() for n, p in model.named_parameters()}
         x, y = torch.randn(4, 5, 2, dtype=torch.float64), torch.randn(4, 5, 1, dtype=torch.float64)
-        assert BatchedMLP.of(model).first_order_grads(params, x, y, F.mse_loss, True, 1) is None
+        assert mlp_backprop.first_order_grads(BatchedMLP.of(model), params, x, y, F.mse_loss,
+                                             True, 1) is None
         learner = MAML(model, inner_lr=0.2, inner_steps=2, first_order=True)
         assert_same_without_the_batched_mlp(learner, float64_batch(6, 2, seed=3))

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..ops import products
 
-__all__ = ["BatchedMLP", "LayerRule", "per_task_losses"]
+__all__ = ["BatchedMLP", "LayerRule", "batched_linear", "per_task_losses"]
 
 # elementwise activations without parameters: applied to the batch as they are
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -57,7 +57,7 @@ def _hooked(module: nn.Module) -> bool:
 
 
 class LayerRule(NamedTuple):
-    """A linear layer given to :meth:`BatchedMLP.first_order_grads` by its forward,
+    """A linear layer given to :func:`treepool.meta.mlp_backprop.first_order_grads` by its forward,
     ``[B, R, in] -> [B, R, out]``, and its input gradient ``dL/dz -> dL/dh``."""
     forward: Callable[[Tensor], Tensor]
     input_grad: Callable[[Tensor], Tensor]
@@ -87,84 +87,6 @@ class BatchedMLP:
             return False
         return not any(_hooked(m) for m in self.model.modules())
 
-    def first_order_grads(self, params: Dict[str, Tensor], x: Tensor, y: Tensor, loss_fn,
-                          shared: bool, depth: int, weights: Optional[Tensor] = None,
-                          rules: Optional[Dict[str, "LayerRule"]] = None):
-        """``{name: [B, *shape]}``: for every row b of the batch (a task, or a node of
-        ``depth`` 2 with its m tasks), the gradient of its loss at its parameters
-        (``shared``: one unbatched set for all rows), by backpropagation written out
-        here, with no autograd graph: the first-order inner step.  The loss of row b is
-        ``L_b`` (depth 1), ``mean_j L_bj`` (depth 2) or ``sum_j weights[b, j] L_bj``;
-        ``x`` is ``[B, ..., in]``.
-
-        For a layer z = h W^T + b and an activation y = f(z) with incoming gradient G:
-
-            dW_b = G_b^T h_b,   db_b = sum_rows G_b,   dh = G W,   dz = G * f'(z)
-
-        with f'(z) written from y (:data:`_FROM_OUTPUT`), so that an activation after a
-        linear layer runs in place on the layer's output and its derivative in place on
-        the incoming gradient: no autograd nodes and half the activation-sized
-        temporaries of the autograd pass.  None when an activation has no such rule
-        (the caller then takes the autograd pass).
-
-        ``rules``: linear layers whose forward and input gradient are given
-        (:class:`LayerRule`: the factored and in-place layers of
-        :mod:`treepool.meta.factored`); then this returns ``(grads, seen)`` with
-        ``seen[name] = (dL/dz, the layer's input)``, both ``[B, R, features]``."""
-        rules = rules or {}
-        if any(type(m) is not nn.Linear and type(m) not in _FROM_OUTPUT for _, m in self.layers):
-            return None
-        if any(type(m) is nn.LeakyReLU and m.negative_slope < 0 for _, m in self.layers):
-            return None
-        adapted = [name in rules or any(f"{name}.{p}" in params for p in ("weight", "bias"))
-                   if type(m) is nn.Linear else False for name, m in self.layers]
-        if True not in adapted:
-            return None
-        first = adapted.index(True)  # no layer before it needs a backward
-        lead = 0 if shared else 1
-        B = x.shape[0]
-        with torch.no_grad():
-            h, fresh = x.reshape(B, -1, x.shape[-1]), False
-            saved: List[Tensor] = []  # each layer's input (linear) or output (activation)
-            for name, m in self.layers:
-                if type(m) is nn.Linear:
-                    saved.append(h)
-                    h = rules[name].forward(h) if name in rules else \
-                        _linear(h, *self._weights(params, name, m), lead)
-                    fresh = True
-                else:
-                    h = _FROM_OUTPUT[type(m)][0 if fresh else 1](m, h)
-                    saved.append(h)
-                    fresh = False
-            out = h.reshape(*x.shape[:-1], h.shape[-1])
-            g = _loss_grad(loss_fn, out, y, depth, weights).reshape(h.shape)
-            fresh = False
-            grads: Dict[str, Tensor] = {}
-            seen: Dict[str, Tuple[Tensor, Tensor]] = {}
-            for i in reversed(range(first, len(self.layers))):
-                name, m = self.layers[i]
-                if type(m) is not nn.Linear:
-                    g = _FROM_OUTPUT[type(m)][2](m, g, saved[i], fresh)
-                    continue
-                if name in rules:
-                    seen[name] = (g, saved[i])
-                    if i > first:
-                        g, fresh = rules[name].input_grad(g), True
-                    continue
-                weight, _ = self._weights(params, name, m)
-                grads.update(_linear_grads(name, g, saved[i], weight, params, B))
-                if i > first:
-                    g, fresh = _input_grad(g, weight, B), True
-        if any(n not in grads for n in params):
-            return None
-        grads = {n: grads[n] for n in params}
-        return (grads, seen) if rules else grads
-
-    @staticmethod
-    def _weights(params: Dict[str, Tensor], name: str, m: nn.Module):
-        prefix = f"{name}." if name else ""
-        return params.get(f"{prefix}weight", m.weight), params.get(f"{prefix}bias", m.bias)
-
     def __call__(self, params: Dict[str, Tensor], x: Tensor, lead: int,
                  linears: Optional[Dict[str, Callable[[Tensor], Tensor]]] = None) -> Tensor:
         """The outputs for ``x`` ``[B, *rest]`` with the adapted ``params`` batched over
@@ -179,14 +101,14 @@ class BatchedMLP:
                 h = linears[name](h)
             elif type(m) is nn.Linear:
                 prefix = f"{name}." if name else ""
-                h = _linear(h, params.get(f"{prefix}weight", m.weight),
+                h = batched_linear(h, params.get(f"{prefix}weight", m.weight),
                             params.get(f"{prefix}bias", m.bias), lead)
             else:
                 h = m(h)
         return h
 
 
-def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Tensor:
+def batched_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Tensor:
     """``h W^T + b`` with W and b unbatched or batched over the first dimension of h.
     Batched, it runs treepool's batched products (:mod:`treepool.ops.products`), whose
     gradients keep every operand's layout at every order."""
@@ -211,88 +133,6 @@ def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Ten
     if bias is None or fused_bias is not None:
         return z
     return _add_rowwise(z, bias) if b_batched else z + bias
-
-
-def _linear_grads(name: str, g: Tensor, h: Tensor, weight: Tensor, params: Dict[str, Tensor],
-                  B: int) -> Dict[str, Tensor]:
-    """The adapted ones of a linear layer's per-row gradients, dW_b = g_b^T h_b and
-    db_b = sum_rows g_b, for g [B, R, out] and its input h [B, R, in]."""
-    prefix = f"{name}." if name else ""
-    out: Dict[str, Tensor] = {}
-    if f"{prefix}weight" in params:
-        out_features, in_features = weight.shape[-2:]
-        if in_features == 1:
-            dw = products.weighted_row_sum(h.squeeze(-1), g).unsqueeze(-1)
-        elif out_features == 1:
-            dw = products.weighted_row_sum(g.squeeze(-1), h).unsqueeze(1)
-        else:
-            dw = products.bmm_tn(g, h)
-        out[f"{prefix}weight"] = dw
-    if f"{prefix}bias" in params:
-        out[f"{prefix}bias"] = g.sum(1)
-    return out
-
-
-def _input_grad(g: Tensor, weight: Tensor, B: int) -> Tensor:
-    """``g W`` [B, R, in]: the gradient of a linear layer's input (W [out, in] shared by
-    every row or [B, out, in])."""
-    out_features, in_features = weight.shape[-2:]
-    if in_features == 1:
-        w = weight.squeeze(-1).expand(B, out_features)
-        return products.row_dot(g, w).unsqueeze(-1)
-    if out_features == 1:
-        w = weight.squeeze(-2).expand(B, in_features)
-        return products.outer(g.squeeze(-1), w)
-    if weight.dim() == 2:
-        return g @ weight
-    return products.bmm_nn(g, weight)
-
-
-def _loss_grad(loss_fn, out: Tensor, y: Tensor, depth: int, weights: Optional[Tensor]) -> Tensor:
-    """d/d out of sum_b c_b L_b(out_b, y_b) over the ``depth`` leading dims (c: 1 for
-    depth 1, 1 / m for a node's m tasks, or ``weights``): written out for the mean
-    squared error, 2 c (out - y) / numel, else one autograd pass over the loss alone."""
-    lead = out.shape[:depth]
-    if weights is not None:
-        scale = weights.to(out.dtype)
-    elif depth == 2:
-        scale = torch.full((), 1.0 / lead[1], dtype=out.dtype, device=out.device)
-    else:
-        scale = None
-    if loss_fn is F.mse_loss and out.shape == y.shape:
-        count = out[(0,) * depth].numel()
-        g = torch.sub(out, y).mul_(2.0 / count)
-        return g if scale is None else g.mul_(scale.reshape(*scale.shape, *[1] * (g.dim() - scale.dim())))
-    with torch.enable_grad():
-        leaf = out.detach().requires_grad_()
-        losses = per_task_losses(loss_fn, leaf, y, depth)
-        total = (losses if scale is None else losses * scale).sum()
-        return torch.autograd.grad(total, leaf)[0]
-
-
-def _relu_grad(m: nn.Module, g: Tensor, y: Tensor, own: bool) -> Tensor:
-    if own:
-        return torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
-    return torch.ops.aten.threshold_backward(g, y, 0)
-
-
-def _leaky_relu_grad(m: nn.Module, g: Tensor, y: Tensor, own: bool) -> Tensor:
-    # y > 0 exactly where z > 0 for a slope >= 0 (first_order_grads refuses others)
-    return torch.ops.aten.leaky_relu_backward(g, y, m.negative_slope, True)
-
-
-# Activations y = f(z) whose derivative is a function of y: (in place on a tensor of
-# our own, out of place, g * f'(z) from (g, y); ``own``: g may be written).
-_FROM_OUTPUT = {
-    nn.ReLU: (lambda m, z: torch.relu_(z), lambda m, z: torch.relu(z), _relu_grad),
-    nn.LeakyReLU: (lambda m, z: F.leaky_relu_(z, m.negative_slope),
-                   lambda m, z: F.leaky_relu(z, m.negative_slope), _leaky_relu_grad),
-    nn.Tanh: (lambda m, z: torch.tanh_(z), lambda m, z: torch.tanh(z),
-              lambda m, g, y, own: torch.ops.aten.tanh_backward(g, y)),
-    nn.Sigmoid: (lambda m, z: torch.sigmoid_(z), lambda m, z: torch.sigmoid(z),
-                 lambda m, g, y, own: torch.ops.aten.sigmoid_backward(g, y)),
-    nn.Identity: (lambda m, z: z, lambda m, z: z, lambda m, g, y, own: g),
-}
 
 
 def _add_rowwise(z: Tensor, bias: Tensor) -> Tensor:

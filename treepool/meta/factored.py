@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import products
+from . import mlp_backprop
 from .batched_mlp import LayerRule, per_task_losses
 from .functional import (Inputs, LossFn, ModelFunctions, Params, as_tuple, batched_grads,
                          exact_norms)
@@ -397,7 +398,7 @@ class FactoredLinears:
         """For a plain sequential MLP run as batched products without vmap (BatchedMLP):
         ``losses(task, node, coef) -> (losses, inputs)`` like the vmapped support loss,
         and ``first_order_grads(task, node, coef)``, the same step's gradients without
-        autograd (:meth:`BatchedMLP.first_order_grads`): ``({dense name: grad},
+        autograd (:func:`treepool.meta.mlp_backprop.first_order_grads`): ``({dense name: grad},
         {probe:name: dL/dz}, ...)`` as the autograd pass over the probes gives them.  The
         per-task tensors of ``task`` (leading dims ``lead``) are taken as ``[T, ...]``;
         a factored layer computes ``x W^T + b + (c_w (x B^T) + c_b) A (+ probe)`` by
@@ -449,9 +450,9 @@ class FactoredLinears:
 
         def first_order_grads(task, node, coef):
             dense = {k: flat(v) for k, v in task["dense"].items()}
-            out = mlp.first_order_grads(dense, flat(task["x"]), flat(task["y"]), loss_fn,
-                                        False, 1, rules={n: rule(n, task, node, coef)
-                                                         for n in names})
+            rules = {n: rule(n, task, node, coef) for n in names}
+            out = mlp_backprop.first_order_grads(mlp, dense, flat(task["x"]), flat(task["y"]),
+                                                 loss_fn, False, 1, rules=rules)
             if out is None:
                 return None
             grads, seen = out

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batched_mlp import BatchedMLP, per_task_losses
+from . import mlp_backprop
 from .max_pool import FastMaxPool
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -335,9 +336,10 @@ class ModelFunctions:
         if shared and self.adapts_conv and weights is None:
             loss = self.task_loss(loss_fn) if depth == 1 else self.node_loss(loss_fn)
             return self._shared_grads(loss, params, x, y, create_graph)
-        mlp = None if create_graph else self.batched_mlp(x)
-        if mlp is not None:  # first order on a plain MLP: backpropagation without autograd
-            grads = mlp.first_order_grads(params, x, y, loss_fn, shared, depth, weights)
+        mlp = self.batched_mlp(x)
+        if mlp is not None and not create_graph:  # a plain MLP: backpropagation written out
+            grads = mlp_backprop.first_order_grads(mlp, params, x, y, loss_fn, shared, depth,
+                                                   weights)
             if grads is not None:
                 return grads
 

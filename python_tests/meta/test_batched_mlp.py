@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from treepool import MAML, TaskTree, TreeMAML
-from treepool.meta import mlp_backprop
 from treepool.meta.batched_mlp import BatchedMLP, per_task_losses
 from treepool.meta.functional import ModelFunctions
 
@@ -199,75 +198,3 @@ def test_per_task_losses_equal_the_vmapped_loss(depth):
         torch.testing.assert_close(per_task_losses(F.mse_loss, out, flat_y, depth),
                                    vmapped(out, flat_y))
 
-
-FIRST_ORDER_ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, lambda: nn.LeakyReLU(0.2)]
-
-
-@st.composite
-def first_order_mlps(draw):
-    widths = draw(st.lists(st.sampled_from([1, 2, 3, 5]), min_size=2, max_size=4))
-    layers = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1], bias=draw(st.booleans())))
-        for _ in range(draw(st.integers(0 if i == len(widths) - 2 else 1, 2))):
-            layers.append(draw(st.sampled_from(FIRST_ORDER_ACTIVATIONS))())
-    return nn.Sequential(*layers).double(), widths
-
-
-@given(case=first_order_mlps(), B=st.integers(1, 3), depth=st.sampled_from([1, 2]),
-       shared=st.booleans(), weighted=st.booleans(),
-       loss=st.sampled_from([F.mse_loss, F.l1_loss, F.smooth_l1_loss]),
-       adapt=st.sampled_from(["all", "weights", "biases", "last"]), seed=st.integers(0, 1000))
-def test_first_order_grads_equal_a_per_row_autograd_loop(case, B, depth, shared, weighted, loss,
-                                                          adapt, seed):
-    """mlp_backprop.first_order_grads (backpropagation written out, activations in place)
-    equals autograd on a loop over the rows: per task (depth 1), per node of m tasks
-    (the mean of their losses, or a weighted sum), at shared or per-row parameters, for
-    any adapted subset, stacked activations and a final activation; the inputs and
-    parameters are left as they were (float64)."""
-    model, widths = case
-    torch.manual_seed(seed)
-    names = [n for n, _ in model.named_parameters()
-             if adapt == "all" or (adapt == "weights" and n.endswith("weight"))
-             or (adapt == "biases" and n.endswith("bias"))
-             or (adapt == "last" and n.startswith(str(len(model) - 1)))]
-    if not names:
-        return
-    m = 3
-    lead = (B, m) if depth == 2 else (B,)
-    x = torch.randn(*lead, 4, widths[0], dtype=torch.float64)
-    y = torch.randn(*lead, 4, widths[-1], dtype=torch.float64)
-    weights = torch.rand(B, m, dtype=torch.float64) if weighted and depth == 2 else None
-    params = {n: (p.detach().clone() if shared else p.detach() + 0.1 * torch.randn(B, *p.shape,
-                                                                                   dtype=p.dtype))
-              for n, p in model.named_parameters() if n in names}
-    before = {n: p.clone() for n, p in params.items()}, x.clone()
-    got = mlp_backprop.first_order_grads(BatchedMLP.of(model), params, x, y, loss, shared,
-                                         depth, weights)
-    assert got is not None and list(got) == names
-    for b in range(B):
-        p_b = {n: (p if shared else p[b]).clone().requires_grad_() for n, p in params.items()}
-        losses = [loss(torch.func.functional_call(model, p_b, (xt,)), yt)
-                  for xt, yt in zip(x[b].reshape(-1, 4, widths[0]), y[b].reshape(-1, 4, widths[-1]))]
-        scale = weights[b] if weights is not None else torch.full(
-            (len(losses),), 1.0 / len(losses) if depth == 2 else 1.0, dtype=torch.float64)
-        total = sum(s * l for s, l in zip(scale, losses))
-        want = torch.autograd.grad(total, list(p_b.values()), allow_unused=True)
-        for n, w in zip(p_b, want):
-            torch.testing.assert_close(got[n][b], torch.zeros_like(got[n][b]) if w is None else w,
-                                       rtol=1e-10, atol=1e-12)
-    assert all(torch.equal(params[n], before[0][n]) for n in params) and torch.equal(x, before[1])
-
-
-def test_first_order_grads_leave_other_activations_to_autograd():
-    """An activation whose derivative is not written from its output (GELU), or a
-    LeakyReLU of negative slope (y > 0 is then not z > 0), gives None: the caller takes
-    the autograd pass; the learners' first-order gradients still equal vmap's."""
-    for act in (nn.GELU(), nn.LeakyReLU(-0.5)):
-        model = nn.Sequential(nn.Linear(2, 3), act, nn.Linear(3, 1)).double()
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        x, y = torch.randn(4, 5, 2, dtype=torch.float64), torch.randn(4, 5, 1, dtype=torch.float64)
-        assert mlp_backprop.first_order_grads(BatchedMLP.of(model), params, x, y, F.mse_loss,
-                                             True, 1) is None
-        learner = MAML(model, inner_lr=0.2, inner_steps=2, first_order=True)
-        assert_same_without_the_batched_mlp(learner, float64_batch(6, 2, seed=3))

@@ -57,8 +57,9 @@ def _hooked(module: nn.Module) -> bool:
 
 
 class LayerRule(NamedTuple):
-    """A linear layer given to :func:`treepool.meta.mlp_backprop.first_order_grads` by its forward,
-    ``[B, R, in] -> [B, R, out]``, and its input gradient ``dL/dz -> dL/dh``."""
+    """A linear layer given to :func:`treepool.meta.mlp_backprop.first_order_grads` by
+    its forward, ``[B, R, in] -> [B, R, out]``, and its input gradient
+    ``dL/dz -> dL/dh``."""
     forward: Callable[[Tensor], Tensor]
     input_grad: Callable[[Tensor], Tensor]
 
@@ -102,7 +103,7 @@ class BatchedMLP:
             elif type(m) is nn.Linear:
                 prefix = f"{name}." if name else ""
                 h = batched_linear(h, params.get(f"{prefix}weight", m.weight),
-                            params.get(f"{prefix}bias", m.bias), lead)
+                                   params.get(f"{prefix}bias", m.bias), lead)
             else:
                 h = m(h)
         return h

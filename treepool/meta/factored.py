@@ -398,8 +398,9 @@ class FactoredLinears:
         """For a plain sequential MLP run as batched products without vmap (BatchedMLP):
         ``losses(task, node, coef) -> (losses, inputs)`` like the vmapped support loss,
         and ``first_order_grads(task, node, coef)``, the same step's gradients without
-        autograd (:func:`treepool.meta.mlp_backprop.first_order_grads`): ``({dense name: grad},
-        {probe:name: dL/dz}, ...)`` as the autograd pass over the probes gives them.  The
+        autograd (:func:`treepool.meta.mlp_backprop.first_order_grads`): ``({dense name:
+        grad, probe:name: dL/dz}, {name: layer input})`` as the autograd pass over the
+        probes gives them (None where it does not apply).  The
         per-task tensors of ``task`` (leading dims ``lead``) are taken as ``[T, ...]``;
         a factored layer computes ``x W^T + b + (c_w (x B^T) + c_b) A (+ probe)`` by
         batched products, each node's W and b shared by its block of tasks; an

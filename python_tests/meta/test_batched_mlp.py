@@ -21,13 +21,17 @@ ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.Identity]
 
 
 @st.composite
-def mlps(draw):
+def mlps(draw, activations=ACTIVATIONS, stacked=False):
+    """(model, widths): Linear layers of 1-5 features with one activation between them
+    (``stacked``: one or two between them and up to two after the last), sometimes
+    nested in a second Sequential."""
     widths = draw(st.lists(st.sampled_from([1, 2, 3, 5]), min_size=2, max_size=4))
     layers = []
     for i in range(len(widths) - 1):
         layers.append(nn.Linear(widths[i], widths[i + 1], bias=draw(st.booleans())))
-        if i < len(widths) - 2:
-            layers.append(draw(st.sampled_from(ACTIVATIONS))())
+        last = i == len(widths) - 2
+        count = draw(st.integers(0 if last else 1, 2)) if stacked else (0 if last else 1)
+        layers.extend(draw(st.sampled_from(activations))() for _ in range(count))
     nested = draw(st.booleans()) and len(layers) > 2
     model = nn.Sequential(layers[0], nn.Sequential(*layers[1:])) if nested else nn.Sequential(*layers)
     return model, widths

@@ -14,24 +14,14 @@ from treepool import MAML
 from treepool.meta import mlp_backprop
 from treepool.meta.batched_mlp import BatchedMLP
 
-from .test_batched_mlp import assert_same_without_the_batched_mlp, float64_batch
+from .test_batched_mlp import assert_same_without_the_batched_mlp, float64_batch, mlps
 
 
 FIRST_ORDER_ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, lambda: nn.LeakyReLU(0.2)]
 
 
-@st.composite
-def first_order_mlps(draw):
-    widths = draw(st.lists(st.sampled_from([1, 2, 3, 5]), min_size=2, max_size=4))
-    layers = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1], bias=draw(st.booleans())))
-        for _ in range(draw(st.integers(0 if i == len(widths) - 2 else 1, 2))):
-            layers.append(draw(st.sampled_from(FIRST_ORDER_ACTIVATIONS))())
-    return nn.Sequential(*layers).double(), widths
-
-
-@given(case=first_order_mlps(), B=st.integers(1, 3), depth=st.sampled_from([1, 2]),
+@given(case=mlps(FIRST_ORDER_ACTIVATIONS, stacked=True), B=st.integers(1, 3),
+       depth=st.sampled_from([1, 2]),
        shared=st.booleans(), weighted=st.booleans(),
        loss=st.sampled_from([F.mse_loss, F.l1_loss, F.smooth_l1_loss]),
        adapt=st.sampled_from(["all", "weights", "biases", "last"]), seed=st.integers(0, 1000))
@@ -43,12 +33,14 @@ def test_first_order_grads_equal_a_per_row_autograd_loop(case, B, depth, shared,
     any adapted subset, stacked activations and a final activation; the inputs and
     parameters are left as they were (float64)."""
     model, widths = case
+    model = model.double()
     torch.manual_seed(seed)
+    last_layer = list(dict(model.named_parameters()))[-1].rsplit(".", 1)[0]
     names = [n for n, _ in model.named_parameters()
              if adapt == "all" or (adapt == "weights" and n.endswith("weight"))
              or (adapt == "biases" and n.endswith("bias"))
-             or (adapt == "last" and n.startswith(str(len(model) - 1)))]
-    if not names:
+             or (adapt == "last" and n.rsplit(".", 1)[0] == last_layer)]
+    if not names:  # biases only, and no layer has one
         return
     m = 3
     lead = (B, m) if depth == 2 else (B,)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..ops import products
 
-__all__ = ["BatchedMLP", "LayerRule", "batched_linear", "per_task_losses"]
+__all__ = ["BatchedMLP", "LayerRule", "batched_linear", "linear_params", "per_task_losses"]
 
 # elementwise activations without parameters: applied to the batch as they are
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -101,12 +101,18 @@ class BatchedMLP:
             if linears and name in linears:
                 h = linears[name](h)
             elif type(m) is nn.Linear:
-                prefix = f"{name}." if name else ""
-                h = batched_linear(h, params.get(f"{prefix}weight", m.weight),
-                                   params.get(f"{prefix}bias", m.bias), lead)
+                h = batched_linear(h, *linear_params(params, name, m), lead)
             else:
                 h = m(h)
         return h
+
+
+def linear_params(params: Dict[str, Tensor], name: str,
+                  m: nn.Linear) -> Tuple[Tensor, Optional[Tensor]]:
+    """(weight, bias) of linear layer ``name``: the adapted ones in ``params``, else the
+    module's own."""
+    prefix = f"{name}." if name else ""
+    return params.get(f"{prefix}weight", m.weight), params.get(f"{prefix}bias", m.bias)
 
 
 def batched_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Tensor:

@@ -336,8 +336,8 @@ class ModelFunctions:
         if shared and self.adapts_conv and weights is None:
             loss = self.task_loss(loss_fn) if depth == 1 else self.node_loss(loss_fn)
             return self._shared_grads(loss, params, x, y, create_graph)
-        mlp = self.batched_mlp(x)
-        if mlp is not None and not create_graph:  # a plain MLP: backpropagation written out
+        mlp = None if create_graph else self.batched_mlp(x)
+        if mlp is not None:  # first order on a plain MLP: backpropagation written out
             grads = mlp_backprop.first_order_grads(mlp, params, x, y, loss_fn, shared, depth,
                                                    weights)
             if grads is not None:

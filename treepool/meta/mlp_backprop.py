@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import products
-from .batched_mlp import BatchedMLP, LayerRule, batched_linear, per_task_losses
+from .batched_mlp import BatchedMLP, LayerRule, batched_linear, linear_params, per_task_losses
 
 __all__ = ["ACTIVATIONS", "first_order_grads", "written_out"]
 
@@ -68,14 +68,9 @@ def written_out(mlp: BatchedMLP) -> bool:
         type(m) is nn.LeakyReLU and m.negative_slope < 0)) for _, m in mlp.layers)
 
 
-def _weights(params: Dict[str, Tensor], name: str, m: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
-    prefix = f"{name}." if name else ""
-    return params.get(f"{prefix}weight", m.weight), params.get(f"{prefix}bias", m.bias)
-
-
 def _backprop(mlp: BatchedMLP, params: Dict[str, Tensor], x: Tensor, y: Tensor, loss_fn,
-              lead: int, depth: int, scale: Union[float, Tensor], wanted: Dict[str, Tuple[bool, bool]],
-              rules: Dict[str, LayerRule], first: int):
+              lead: int, depth: int, scale: Union[float, Tensor],
+              wanted: Dict[str, Tuple[bool, bool]], rules: Dict[str, LayerRule], first: int):
     """One forward and backward, no graph: ({layer: (dW, dc) per row}, {rule layer:
     (dL/dz, input)})."""
     B = x.shape[0]
@@ -85,7 +80,7 @@ def _backprop(mlp: BatchedMLP, params: Dict[str, Tensor], x: Tensor, y: Tensor, 
         if type(m) is nn.Linear:
             saved.append(h)
             h = rules[name].forward(h) if name in rules else \
-                batched_linear(h, *_weights(params, name, m), lead)
+                batched_linear(h, *linear_params(params, name, m), lead)
             fresh = True
         else:
             h = (ACTIVATIONS[type(m)].in_place if fresh else ACTIVATIONS[type(m)].apply)(m, h)
@@ -105,7 +100,7 @@ def _backprop(mlp: BatchedMLP, params: Dict[str, Tensor], x: Tensor, y: Tensor, 
             if i > first:
                 g, fresh = rules[name].input_grad(g), True
             continue
-        weight, bias = _weights(params, name, m)
+        weight, bias = linear_params(params, name, m)
         grads[name] = (_per_row_outer(g, saved[i]) if wanted[name][0] else None,
                        g.sum(1) if wanted[name][1] and bias is not None else None)
         if i > first:

@@ -8,7 +8,9 @@ Switches (``--off``, one or more):
 - ``factored``: the whole factored leaf phase, in-place layers included
   (``factored='never'``);
 - ``fast-pool``: the CPU max pooling at treepool's indices (treepool.meta.max_pool):
-  the model's max poolings run ATen's kernel.
+  the model's max poolings run ATen's kernel;
+- ``written-out``: the first-order steps of a plain MLP by the backpropagation of
+  treepool.meta.mlp_backprop: they take autograd's pass.
 
 ``--force-in-place`` lowers the in-place layers' size threshold to 0 for every learner
 (to measure them below the size where 'auto' picks them).  ``--baseline vmap|loop``
@@ -19,6 +21,7 @@ adds that hand-written contender.  Cells are ``net:size:tasks:shots:order``, e.g
     python bench/ab_meta.py --cells mlp:40:16:5:first --off in-place --force-in-place
     python bench/ab_meta.py --cells conv:64:4:1:second --off factored --baseline loop
     python bench/ab_meta.py --cells conv:64:16:1:second --off fast-pool --baseline vmap
+    python bench/ab_meta.py --cells mlp:64:256:10:first,mlp:40:16:5:first --off written-out
 
 Reported per cell and family: ms per meta-step (median) of each contender, its minor
 page faults per meta-step (median; see bench_meta) and its per-repetition ratio to the
@@ -51,7 +54,12 @@ def _no_fast_pool(learner):
     learner.fns.max_pools = False
 
 
-SWITCHES = {"in-place": _no_in_place, "factored": None, "fast-pool": _no_fast_pool}
+def _no_written_out(learner):
+    learner.fns.written_out = False
+
+
+SWITCHES = {"in-place": _no_in_place, "factored": None, "fast-pool": _no_fast_pool,
+            "written-out": _no_written_out}
 
 
 def parse_cell(text: str) -> bm.Cell:

@@ -10,11 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from treepool import MAML
+from treepool import MAML, TaskTree, TreeMAML
 from treepool.meta import mlp_backprop
 from treepool.meta.batched_mlp import BatchedMLP
 
 from .test_batched_mlp import assert_same_without_the_batched_mlp, float64_batch, mlps
+from .test_maml import TOL, flat_grads, rel_err
 
 
 FIRST_ORDER_ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, lambda: nn.LeakyReLU(0.2)]
@@ -80,3 +81,27 @@ def test_first_order_grads_leave_other_activations_to_autograd():
                                              True, 1) is None
         learner = MAML(model, inner_lr=0.2, inner_steps=2, first_order=True)
         assert_same_without_the_batched_mlp(learner, float64_batch(6, 2, seed=3))
+
+
+def test_learners_meta_gradient_is_autograds_with_the_pass_switched_off():
+    """With ``fns.written_out = False`` the first-order steps take autograd's pass (as
+    bench/ab_meta.py's ``--off written-out``) and give the same meta-gradient: per-task
+    steps, equal and ragged (weighted) node steps, factored leaves with node steps
+    (float64)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(),
+                          nn.Linear(6, 1)).double()
+    batch = float64_batch(8, 2, seed=4)
+    learners = [MAML(model, inner_lr=0.2, inner_steps=2, first_order=True),
+                TreeMAML(model, TaskTree.from_labels([[0, 0, 0, 0, 1, 1, 1, 1]]), inner_lr=0.2,
+                         inner_steps=2, first_order=True, factored="never"),
+                TreeMAML(model, TaskTree.from_labels([[0, 0, 0, 0, 0, 0, 1, 2]]), inner_lr=0.2,
+                         inner_steps=2, first_order=True, factored="never"),
+                TreeMAML(model, TaskTree.from_labels([[0, 0, 0, 0, 1, 1, 1, 1],
+                                                      [0, 0, 1, 1, 2, 2, 3, 3]]),
+                         inner_lr=0.2, inner_steps=3, first_order=True, factored="always")]
+    for learner in learners:
+        got = flat_grads(learner, learner.meta_loss(*batch))
+        learner.fns.written_out = False
+        want = flat_grads(learner, learner.meta_loss(*batch))
+        assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))

@@ -343,7 +343,8 @@ class FactoredLinears:
                                        {n: Coefficients(*map(keep, c)) for n, c in coefs.items()})
                 return losses.sum(), seen
             manual = None
-            if direct is not None and not create_graph:  # backpropagation without autograd
+            if direct is not None and not create_graph and self.fns.written_out:
+                # backpropagation without autograd (mlp_backprop)
                 manual = direct.first_order_grads(
                     support_task(dense), {k: v.detach() for k, v in node.items()},
                     {n: Coefficients(*map(keep, c)) for n, c in coefs.items()})

@@ -262,8 +262,11 @@ class ModelFunctions:
         # (see _ThinLinears)
         self.thin_linears = any(isinstance(m, nn.Linear) and 1 in (m.in_features, m.out_features)
                                 for m in model.modules())
-        # a plain sequential MLP runs as batched products, without vmap (BatchedMLP)
+        # a plain sequential MLP runs as batched products, without vmap (BatchedMLP),
+        # and its first-order steps by the backpropagation of mlp_backprop (False:
+        # autograd's pass, as for any other model; bench/ab_meta.py switches it off)
         self.mlp = BatchedMLP.of(model)
+        self.written_out = True
         # CPU 2 x 2 max pooling as a gather at treepool's indices (treepool.meta.max_pool)
         self.max_pools = any(isinstance(m, nn.MaxPool2d) for m in model.modules())
 
@@ -336,7 +339,7 @@ class ModelFunctions:
         if shared and self.adapts_conv and weights is None:
             loss = self.task_loss(loss_fn) if depth == 1 else self.node_loss(loss_fn)
             return self._shared_grads(loss, params, x, y, create_graph)
-        mlp = None if create_graph else self.batched_mlp(x)
+        mlp = None if create_graph or not self.written_out else self.batched_mlp(x)
         if mlp is not None:  # first order on a plain MLP: backpropagation written out
             grads = mlp_backprop.first_order_grads(mlp, params, x, y, loss_fn, shared, depth,
                                                    weights)

@@ -12,6 +12,7 @@
 //   z = g w^T (outer)  dg = row_dot(G, w)          dw = weighted_row_sum(g, G)
 //   z = row_dot(h, w)  dh = outer(G, w)            dw = weighted_row_sum(G, h)
 //   z = wrs(g, h)      dg = row_dot(h, G)          dh = outer(g, G)
+//   h = relu(z(...))   the gradients of z at dz = ReluGrad(G, h) = G 1[h > 0]
 //
 // with acc's gradient G itself and a bias's the sum of G over the rows.
 #include "batched_products.h"
@@ -87,9 +88,20 @@ void check_bmm_nn(const Tensor& x, const Tensor& y, const std::optional<Tensor>&
               y.size(2), "], got ", acc->sizes());
 }
 
-void check_bmm_nt(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias) {
-  check_product("bmm_nt", x, y, 2, 2, "[B, M, K]", "[B, N, K]");
-  if (bias) check_row_vector("bmm_nt", "bias", *bias, x, x.size(0), y.size(1));
+void check_bmm_nt(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias,
+                  const char* op) {
+  check_product(op, x, y, 2, 2, "[B, M, K]", "[B, N, K]");
+  if (bias) check_row_vector(op, "bias", *bias, x, x.size(0), y.size(1));
+}
+
+void check_outer(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias,
+                 const char* op) {
+  check_dims(op, "g", g, 2, "[B, N]");
+  check_float(op, "g", g, g);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == g.size(0), "treepool.", op, ": w must be [B, K] ",
+              "with g's B (g is ", g.sizes(), "), got ", w.sizes());
+  check_float(op, "w", w, g);
+  if (bias) check_row_vector(op, "bias", *bias, g, g.size(0), w.size(1));
 }
 
 void check_bmm_tn(const Tensor& x, const Tensor& y) {
@@ -112,15 +124,23 @@ Tensor bmm_tn(const Tensor& x, const Tensor& y) {
   return at::bmm(x.transpose(1, 2), y);
 }
 
-Tensor outer(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias) {
-  check_dims("outer", "g", g, 2, "[B, N]");
-  check_float("outer", "g", g, g);
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == g.size(0), "treepool.outer: w must be [B, K] with ",
-              "g's B (g is ", g.sizes(), "), got ", w.sizes());
-  check_float("outer", "w", w, g);
+namespace {
+
+Tensor outer_values(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias) {
   if (!bias) return g.unsqueeze(-1) * w.unsqueeze(1);
-  check_row_vector("outer", "bias", *bias, g, g.size(0), w.size(1));
   return at::addcmul(bias->unsqueeze(1), g.unsqueeze(-1), w.unsqueeze(1));
+}
+
+}  // namespace
+
+Tensor outer(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias) {
+  check_outer(g, w, bias);
+  return outer_values(g, w, bias);
+}
+
+Tensor outer_relu(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias) {
+  check_outer(g, w, bias, "outer_relu");
+  return outer_values(g, w, bias).relu_();
 }
 
 Tensor row_dot_composite(const Tensor& h, const Tensor& w) {
@@ -156,6 +176,13 @@ Tensor bmm_nn_kernel(const Tensor& x, const Tensor& y, Optional acc) {
 
 Tensor bmm_nt_kernel(const Tensor& x, const Tensor& y, Optional bias) {
   static const auto op = kernel_of<Tensor(const Tensor&, const Tensor&, Optional)>("treepool::bmm_nt");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(x, y, bias);
+}
+
+Tensor bmm_nt_relu_kernel(const Tensor& x, const Tensor& y, Optional bias) {
+  static const auto op =
+      kernel_of<Tensor(const Tensor&, const Tensor&, Optional)>("treepool::bmm_nt_relu");
   at::AutoDispatchBelowADInplaceOrView below;
   return op.call(x, y, bias);
 }
@@ -246,6 +273,63 @@ struct WeightedRowSum : Function<WeightedRowSum> {
   static variable_list backward(AutogradContext* ctx, variable_list G);
 };
 
+// ReLU's derivative dz = g 1[h > 0] (h = relu(z), saved) as a node of its own:
+// differentiated again it is the same mask on the incoming gradient, and nothing for h
+// (its derivative in h is zero almost everywhere), where autograd's threshold_backward
+// writes a zero tensor and adds it up the graph.
+struct ReluGrad : Function<ReluGrad> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& h) {
+    ctx->save_for_backward({h});
+    return at::threshold_backward(g, h, 0);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list gg) {
+    Tensor dg;
+    if (ctx->needs_input_grad(0)) dg = ReluGrad::apply(gg[0], ctx->get_saved_variables()[0]);
+    return {dg, Tensor()};
+  }
+};
+
+// The ReLU forms save {their two operands, h}; their gradients are the product's at
+// dz = ReluGrad(g, h).
+struct NTRelu : Function<NTRelu> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y) {
+    Tensor h = bmm_nt_relu_kernel(x, y, std::nullopt);
+    ctx->save_for_backward({x, y, h});
+    return h;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g);
+};
+struct NTBiasRelu : Function<NTBiasRelu> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y,
+                        const Tensor& bias) {
+    Tensor h = bmm_nt_relu_kernel(x, y, bias);
+    ctx->save_for_backward({x, y, h});
+    return h;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g);
+};
+struct OuterRelu : Function<OuterRelu> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& w) {
+    Tensor h = outer_relu(g, w, std::nullopt);
+    ctx->save_for_backward({g, w, h});
+    return h;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list G);
+};
+struct OuterBiasRelu : Function<OuterBiasRelu> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& w,
+                        const Tensor& bias) {
+    Tensor h = outer_relu(g, w, bias);
+    ctx->save_for_backward({g, w, h});
+    return h;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list G);
+};
+
+Tensor relu_grad(AutogradContext* ctx, const Tensor& g) {
+  return ReluGrad::apply(g, ctx->get_saved_variables()[2]);
+}
+
 // The gradients of x y (shared by NN and NNAcc): dx = g y^T, dy = x^T g.
 variable_list product_grads(AutogradContext* ctx, const Tensor& g, size_t first) {
   const auto s = ctx->get_saved_variables();
@@ -282,6 +366,17 @@ variable_list NTBias::backward(AutogradContext* ctx, variable_list g) {
   return grads;
 }
 
+variable_list NTRelu::backward(AutogradContext* ctx, variable_list g) {
+  return nt_grads(ctx, relu_grad(ctx, g[0]));
+}
+
+variable_list NTBiasRelu::backward(AutogradContext* ctx, variable_list g) {
+  const Tensor dz = relu_grad(ctx, g[0]);
+  auto grads = nt_grads(ctx, dz);
+  grads.push_back(ctx->needs_input_grad(2) ? dz.sum(1) : Tensor());
+  return grads;
+}
+
 // x^T y: dx = y g^T, dy = x g.
 variable_list TN::backward(AutogradContext* ctx, variable_list g) {
   const auto s = ctx->get_saved_variables();
@@ -307,6 +402,17 @@ variable_list Outer::backward(AutogradContext* ctx, variable_list G) {
 variable_list OuterBias::backward(AutogradContext* ctx, variable_list G) {
   auto grads = outer_grads(ctx, G[0]);
   grads.push_back(ctx->needs_input_grad(2) ? G[0].sum(1) : Tensor());
+  return grads;
+}
+
+variable_list OuterRelu::backward(AutogradContext* ctx, variable_list G) {
+  return outer_grads(ctx, relu_grad(ctx, G[0]));
+}
+
+variable_list OuterBiasRelu::backward(AutogradContext* ctx, variable_list G) {
+  const Tensor dz = relu_grad(ctx, G[0]);
+  auto grads = outer_grads(ctx, dz);
+  grads.push_back(ctx->needs_input_grad(2) ? dz.sum(1) : Tensor());
   return grads;
 }
 
@@ -336,12 +442,25 @@ Tensor bmm_tn_autograd(const Tensor& x, const Tensor& y) { return TN::apply(x, y
 Tensor outer_autograd(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias) {
   return bias ? OuterBias::apply(g, w, *bias) : Outer::apply(g, w);
 }
+Tensor bmm_nt_relu_autograd(const Tensor& x, const Tensor& y,
+                            const std::optional<Tensor>& bias) {
+  return bias ? NTBiasRelu::apply(x, y, *bias) : NTRelu::apply(x, y);
+}
+Tensor outer_relu_autograd(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias) {
+  return bias ? OuterBiasRelu::apply(g, w, *bias) : OuterRelu::apply(g, w);
+}
 Tensor row_dot_autograd(const Tensor& h, const Tensor& w) { return RowDot::apply(h, w); }
 Tensor weighted_row_sum_autograd(const Tensor& g, const Tensor& h) {
   return WeightedRowSum::apply(g, h);
 }
 
 }  // namespace
+
+Tensor bmm_nt_relu(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias) {
+  check_bmm_nt(x, y, bias, "bmm_nt_relu");
+  return bmm_nt_kernel(x, y, bias).relu_();  // the device's bmm_nt kernel
+}
+
 }  // namespace products
 }  // namespace treepool
 
@@ -353,13 +472,18 @@ TORCH_LIBRARY_IMPL(treepool, Autograd, m) {
   m.impl("outer", &outer_autograd);
   m.impl("row_dot", &row_dot_autograd);
   m.impl("weighted_row_sum", &weighted_row_sum_autograd);
+  m.impl("bmm_nt_relu", &bmm_nt_relu_autograd);
+  m.impl("outer_relu", &outer_relu_autograd);
 }
 
-// outer runs ATen's kernels on every device. The CPU kernels of the products (small
+// outer (and outer_relu) run ATen's kernels on every device, bmm_nt_relu the device's
+// bmm_nt kernel and ReLU in place. The CPU kernels of the products (small
 // matrices by treepool's loops, others by ATen's) are csrc/cpu/small_products_cpu.cpp,
 // the row ops' csrc/cpu/row_products_cpu.cpp; the CUDA ones
 // csrc/cuda/batched_products_cuda.cpp.
 TORCH_LIBRARY_IMPL(treepool, CPU, m) {
   using namespace treepool::products;
   m.impl("outer", &outer);
+  m.impl("bmm_nt_relu", &bmm_nt_relu);
+  m.impl("outer_relu", &outer_relu);
 }

@@ -8,6 +8,9 @@
 //                                                                one input feature)
 //   row_dot(h, w)             out[b, n] = sum_k h[b, n, k] w[b, k]          (one output)
 //   weighted_row_sum(g, h)    out[b, k] = sum_n g[b, n] h[b, n, k]
+//   bmm_nt_relu(x, y, bias?)  relu(bmm_nt(x, y, bias))     a hidden layer and its ReLU
+//   outer_relu(g, w, bias?)   relu(outer(g, w, bias))      (the ReLU in place on the
+//                                                           product's fresh output)
 //
 // Why ops and not torch.bmm: their Autograd kernels (batched_products.cpp) choose how
 // every gradient is computed, in the operands' own layout. Autograd's rule for
@@ -18,7 +21,10 @@
 // three products and their derivatives close over {nn, nt, tn}: every gradient here
 // is one of them on contiguous operands. The row ops replace ATen's multiply-then-sum
 // (two passes and a temporary) by one pass (csrc/cpu/row_products_cpu.cpp), and their
-// derivatives close over {outer, row_dot, weighted_row_sum}.
+// derivatives close over {outer, row_dot, weighted_row_sum}. The ReLU forms save the
+// second-order meta-step a pass and a node per layer, and their derivative
+// g 1[h > 0], differentiated again, gives no zero tensor for h (autograd's
+// threshold_backward writes one and adds it up the graph).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -39,10 +45,16 @@ Tensor bmm_tn(const Tensor& x, const Tensor& y);
 Tensor outer(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias);
 Tensor row_dot_composite(const Tensor& h, const Tensor& w);
 Tensor weighted_row_sum_composite(const Tensor& g, const Tensor& h);
+// The ReLU forms on any device: the product's kernel for the device, then ReLU in place.
+Tensor bmm_nt_relu(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias);
+Tensor outer_relu(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias);
 
 // Argument checks (a clear message naming the argument; shared by every kernel).
 void check_bmm_nn(const Tensor& x, const Tensor& y, const std::optional<Tensor>& acc);
-void check_bmm_nt(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias);
+void check_bmm_nt(const Tensor& x, const Tensor& y, const std::optional<Tensor>& bias,
+                  const char* op = "bmm_nt");
+void check_outer(const Tensor& g, const Tensor& w, const std::optional<Tensor>& bias,
+                 const char* op = "outer");
 void check_bmm_tn(const Tensor& x, const Tensor& y);
 void check_row_dot(const Tensor& h, const Tensor& w);
 void check_weighted_row_sum(const Tensor& g, const Tensor& h);

@@ -15,7 +15,8 @@
 //                                    kernel, floor) has its maximum, as F.max_pool2d's
 //                                    indices (csrc/cpu/max_pool_indices_cpu.cpp)
 //   bmm_nn, bmm_nt, bmm_tn, outer,   the batched products of the plain-MLP path, whose
-//   row_dot, weighted_row_sum        gradients keep every operand's layout
+//   row_dot, weighted_row_sum,       gradients keep every operand's layout, and a
+//   bmm_nt_relu, outer_relu          layer's product with its ReLU
 //                                    (csrc/batched_products.h)
 //
 // Each op also has a multi-tensor form, `<op>_multi`, over a list of [N, P_i] buffers
@@ -77,6 +78,8 @@ TORCH_LIBRARY(treepool, m) {
   m.def("outer(Tensor g, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("row_dot(Tensor h, Tensor w) -> Tensor");
   m.def("weighted_row_sum(Tensor g, Tensor h) -> Tensor");
+  m.def("bmm_nt_relu(Tensor x, Tensor y, Tensor? bias=None) -> Tensor");
+  m.def("outer_relu(Tensor g, Tensor w, Tensor? bias=None) -> Tensor");
 }
 
 namespace {

@@ -14,4 +14,6 @@ TORCH_LIBRARY_IMPL(treepool, CUDA, m) {
   m.impl("outer", &outer);
   m.impl("row_dot", &row_dot_composite);
   m.impl("weighted_row_sum", &weighted_row_sum_composite);
+  m.impl("bmm_nt_relu", &bmm_nt_relu);
+  m.impl("outer_relu", &outer_relu);
 }

@@ -1,5 +1,5 @@
-"""treepool.ops.products (bmm_nn, bmm_nt, bmm_tn, outer, row_dot, weighted_row_sum)
-against their plain PyTorch expressions: values on random shapes, dtypes and layouts
+"""treepool.ops.products (bmm_nn, bmm_nt, bmm_tn, outer, row_dot, weighted_row_sum and
+the ReLU forms bmm_nt_relu, outer_relu) against their plain PyTorch expressions: values on random shapes, dtypes and layouts
 drawn by hypothesis (both backends), first and second derivatives in float64
 (gradcheck, gradgradcheck), the layout of the native gradients at both orders (the
 reason these ops exist), bad input, opcheck and the fake kernels."""
@@ -30,6 +30,10 @@ OPS = {
               lambda g, w, c=None: g[..., None] * w[:, None] + (0 if c is None else c[:, None])),
     "row_dot": ("BNK", "BK", None, lambda h, w: (h * w[:, None]).sum(-1)),
     "weighted_row_sum": ("BN", "BNK", None, lambda g, h: (g[..., None] * h).sum(1)),
+    "bmm_nt_relu": ("BMK", "BNK", ("bias", "BN"),
+                    lambda x, y, c=None: torch.relu(OPS["bmm_nt"][3](x, y, c))),
+    "outer_relu": ("BN", "BK", ("bias", "BK"),
+                   lambda g, w, c=None: torch.relu(OPS["outer"][3](g, w, c))),
 }
 
 
@@ -206,6 +210,8 @@ def test_fake_kernels_give_the_shapes():
         x, w = torch.empty(2, 5, 3), torch.empty(2, 4, 3)
         assert products.bmm_nt(x, w).shape == (2, 5, 4)
         assert products.row_dot(x, torch.empty(2, 3)).shape == (2, 5)
+        assert products.bmm_nt_relu(x, w, torch.empty(2, 4)).shape == (2, 5, 4)
+        assert products.outer_relu(torch.empty(2, 5), torch.empty(2, 4)).shape == (2, 5, 4)
 
 
 @params("backend", AVAILABLE_BACKENDS)
@@ -233,6 +239,10 @@ BAD = [
     ("weighted_row_sum", lambda: (torch.randn(2, 3, 1), torch.randn(2, 3, 5)), "g"),
     ("outer", lambda: (torch.randn(2, 3), torch.randn(3, 5)), "w"),
     ("outer", lambda: (torch.randn(2, 3), torch.randn(2, 5), torch.randn(2, 4)), "bias"),
+    ("bmm_nt_relu", lambda: (torch.randn(2, 3, 4), torch.randn(2, 5, 3)), "y"),
+    ("bmm_nt_relu", lambda: (torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 4)), "bias"),
+    ("outer_relu", lambda: (torch.randn(2, 3, 1), torch.randn(2, 5)), "g"),
+    ("outer_relu", lambda: (torch.randn(2, 3), torch.randn(2, 5), torch.randn(3, 5)), "bias"),
 ]
 
 
@@ -240,5 +250,5 @@ BAD = [
 @params("op,make,name", BAD, ids=[f"{op}-{name}-{i}" for i, (op, _, name) in enumerate(BAD)])
 def test_bad_input_names_the_argument(backend, op, make, name):
     with treepool.use_backend(backend), \
-            pytest.raises((RuntimeError, ValueError, TypeError), match=rf"\b{name}\b"):
+            pytest.raises((RuntimeError, ValueError, TypeError), match=rf"\b{op}\b.*\b{name}\b"):
         getattr(products, op)(*make())

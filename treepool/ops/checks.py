@@ -501,8 +501,11 @@ _PRODUCT_SHAPES = {  # op: (x, y, the optional third argument), as dimension let
     "outer": ("BN", "BK", ("bias", "BK")),
     "row_dot": ("BNK", "BK", None),
     "weighted_row_sum": ("BN", "BNK", None),
+    "bmm_nt_relu": ("BMK", "BNK", ("bias", "BN")),
+    "outer_relu": ("BN", "BK", ("bias", "BK")),
 }
-_ARG_NAMES = {"outer": ("g", "w"), "row_dot": ("h", "w"), "weighted_row_sum": ("g", "h")}
+_ARG_NAMES = {"outer": ("g", "w"), "outer_relu": ("g", "w"), "row_dot": ("h", "w"),
+              "weighted_row_sum": ("g", "h")}
 
 
 def _product_operands(op: str, a: Tensor, b: Tensor, extra: Optional[Tensor]) -> None:
@@ -529,11 +532,12 @@ def _product_operands(op: str, a: Tensor, b: Tensor, extra: Optional[Tensor]) ->
 
 
 def product_args(op: str, x: Tensor, y: Tensor, extra: Optional[Tensor] = None) -> None:
-    """bmm_nn / bmm_nt / bmm_tn: 3-D floating x and y of one dtype and device whose batch
-    and contraction sizes agree, and acc or bias of the output's shape."""
+    """bmm_nn / bmm_nt / bmm_tn / bmm_nt_relu: 3-D floating x and y of one dtype and
+    device whose batch and contraction sizes agree, and acc or bias of the output's
+    shape."""
     _product_operands(op, x, y, extra)
 
 
 def row_args(op: str, a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> None:
-    """outer / row_dot / weighted_row_sum: the shapes of treepool.ops.products."""
+    """outer / outer_relu / row_dot / weighted_row_sum: the shapes of treepool.ops.products."""
     _product_operands(op, a, b, bias)

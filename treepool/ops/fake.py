@@ -143,6 +143,18 @@ def _outer(g, w, bias=None):
     return g.new_empty(g.shape[0], g.shape[1], w.shape[1])
 
 
+@lib.register_fake("treepool::bmm_nt_relu")
+def _bmm_nt_relu(x, y, bias=None):
+    _checks.product_args("bmm_nt_relu", x, y, bias)
+    return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
+
+
+@lib.register_fake("treepool::outer_relu")
+def _outer_relu(g, w, bias=None):
+    _checks.row_args("outer_relu", g, w, bias)
+    return g.new_empty(g.shape[0], g.shape[1], w.shape[1])
+
+
 @lib.register_fake("treepool::row_dot")
 def _row_dot(h, w):
     _checks.row_args("row_dot", h, w)

@@ -7,6 +7,8 @@ nodes, each with its own matrices), as treepool ops:
     outer(g, w, bias=None)      g[b, n] w[b, k] + bias[b, k]    g [B, N], w [B, K]
     row_dot(h, w)               sum_k h[b, n, k] w[b, k]        h [B, N, K], w [B, K]
     weighted_row_sum(g, h)      sum_n g[b, n] h[b, n, k]        g [B, N], h [B, N, K]
+    bmm_nt_relu(x, y, bias=None)    relu(bmm_nt(x, y, bias))    a hidden layer and its ReLU
+    outer_relu(g, w, bias=None)     relu(outer(g, w, bias))
 
 The values are torch.bmm's (and for the row ops a product and a sum); what differs is
 autograd. The native ops' backward (csrc/batched_products.cpp) computes every gradient
@@ -15,7 +17,10 @@ view (``x @ W.transpose(1, 2)``, a linear layer) returns the view's gradient in 
 transposed layout, and in a second-order meta-step that gradient meets contiguous ones
 in strided adds and slow small-product orientations (bench/RESULTS_meta.md). The row
 ops are the layers with one input or one output feature, one pass on the CPU where
-ATen multiplies, writes a temporary and sums it.
+ATen multiplies, writes a temporary and sums it. The ReLU forms apply ReLU in place on
+the product's fresh output (one pass and one autograd node less than ``torch.relu``
+after it) and differentiate ``g 1[h > 0]`` again without autograd's zero tensor for h:
+2-3% of a second-order meta-step (bench/RESULTS_meta.md).
 
 Each function runs the native op when the native backend has kernels for the device,
 else the plain PyTorch expression (:mod:`treepool.ops.reference`), whose values and
@@ -78,3 +83,18 @@ def weighted_row_sum(g: Tensor, h: Tensor) -> Tensor:
     if runs_native(g):
         return _ops.weighted_row_sum(g, h)
     return reference.weighted_row_sum(g, h)
+
+
+def bmm_nt_relu(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``relu(x @ y^T + bias[:, None])`` per batch: a hidden linear layer and its ReLU."""
+    if runs_native(x):
+        return _ops.bmm_nt_relu(x, y, bias)
+    return reference.bmm_nt_relu(x, y, bias)
+
+
+def outer_relu(g: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``relu(g[..., None] * w[:, None] + bias[:, None])``: a layer with one input
+    feature and its ReLU."""
+    if runs_native(g):
+        return _ops.outer_relu(g, w, bias)
+    return reference.outer_relu(g, w, bias)

@@ -334,6 +334,16 @@ def outer(g: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return torch.addcmul(bias.unsqueeze(1), g.unsqueeze(-1), w.unsqueeze(1))
 
 
+def bmm_nt_relu(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    _checks.product_args("bmm_nt_relu", x, y, bias)
+    return torch.relu(bmm_nt(x, y, bias))
+
+
+def outer_relu(g: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    _checks.row_args("outer_relu", g, w, bias)
+    return torch.relu(outer(g, w, bias))
+
+
 def row_dot(h: Tensor, w: Tensor) -> Tensor:
     _checks.row_args("row_dot", h, w)
     return (h * w.unsqueeze(1)).sum(-1)

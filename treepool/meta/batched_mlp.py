@@ -18,7 +18,10 @@ other model runs through vmap (``ModelFunctions``).  The batched layers run tree
 batched products (:mod:`treepool.ops.products`: ``bmm_nt``, and on the CPU ``outer``
 and ``row_dot`` for a layer with one input or one output feature, where ATen's bmm
 runs such degenerate matrices per matrix; ``functional._ThinLinears`` does the same
-under vmap with elementwise products), whose gradients keep every operand's layout.
+under vmap with elementwise products), whose gradients keep every operand's layout;
+a linear layer followed by ``nn.ReLU`` runs the product's ReLU form (``bmm_nt_relu``,
+``outer_relu``). The rows of a parameter row's block (a node's tasks and their
+shots) are one dimension from the first layer to the last.
 """
 
 from __future__ import annotations
@@ -96,15 +99,23 @@ class BatchedMLP:
         (any further leading dims of x, e.g. the tasks of a node, share it).
         ``linears``: the batched forward of some linear layers, by name (the factored
         layers of :mod:`treepool.meta.factored`)."""
-        h = x
-        for name, m in self.layers:
-            if linears and name in linears:
+        # batched with rows of rank 2 or more (a node's tasks and their shots): the rows
+        # of a parameter row's block as one dim, [B, R, features], from the first layer
+        # to the last (two reshapes, not two per layer)
+        lead_shape = x.shape[:-1]
+        h = x if lead == 0 or x.dim() <= 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        fused = False  # the previous linear layer applied this ReLU
+        for i, (name, m) in enumerate(self.layers):
+            if fused:
+                fused = False
+            elif linears and name in linears:
                 h = linears[name](h)
             elif type(m) is nn.Linear:
-                h = batched_linear(h, *linear_params(params, name, m), lead)
+                fused = i + 1 < len(self.layers) and type(self.layers[i + 1][1]) is nn.ReLU
+                h = batched_linear(h, *linear_params(params, name, m), lead, relu=fused)
             else:
                 h = m(h)
-        return h
+        return h if h.shape[:-1] == lead_shape else h.reshape(*lead_shape, h.shape[-1])
 
 
 def linear_params(params: Dict[str, Tensor], name: str,
@@ -115,31 +126,36 @@ def linear_params(params: Dict[str, Tensor], name: str,
     return params.get(f"{prefix}weight", m.weight), params.get(f"{prefix}bias", m.bias)
 
 
-def batched_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int) -> Tensor:
-    """``h W^T + b`` with W and b unbatched or batched over the first dimension of h.
-    Batched, it runs treepool's batched products (:mod:`treepool.ops.products`), whose
-    gradients keep every operand's layout at every order."""
+def batched_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int,
+                   relu: bool = False) -> Tensor:
+    """``h W^T + b`` (``relu(h W^T + b)`` with ``relu``) with W and b unbatched or
+    batched over the first dimension of h. Batched, it runs treepool's batched products
+    (:mod:`treepool.ops.products`), whose gradients keep every operand's layout at
+    every order, with the ReLU in the product where it has a ReLU form."""
     w_batched = lead == 1 and weight.dim() == 3
     b_batched = lead == 1 and bias is not None and bias.dim() == 2
     if not w_batched:
         out = F.linear(h, weight, None if b_batched else bias)
-        return _add_rowwise(out, bias) if b_batched else out
+        out = _add_rowwise(out, bias) if b_batched else out
+        return torch.relu(out) if relu else out
     B, out_features, in_features = weight.shape
     rows = h if h.dim() == 3 else h.reshape(B, -1, in_features)
     fused_bias = bias if b_batched else None          # added by the product itself
+    fused_relu = relu
     # squeeze, not [..., 0]: a view whose gradient is a view (select's writes zeros)
     if h.device.type == "cpu" and in_features == 1:   # [B, N] outer [B, out] (+ b)
-        z = products.outer(rows.squeeze(-1), weight.squeeze(-1), fused_bias)
+        outer = products.outer_relu if relu else products.outer
+        z = outer(rows.squeeze(-1), weight.squeeze(-1), fused_bias)
     elif h.device.type == "cpu" and out_features == 1:
         z = products.row_dot(rows, weight.squeeze(1)).unsqueeze(-1)
-        fused_bias = None
+        fused_bias, fused_relu = None, False
     else:
-        z = products.bmm_nt(rows, weight, fused_bias)
+        z = (products.bmm_nt_relu if relu else products.bmm_nt)(rows, weight, fused_bias)
     if h.dim() != 3:
         z = z.reshape(*h.shape[:-1], out_features)
-    if bias is None or fused_bias is not None:
-        return z
-    return _add_rowwise(z, bias) if b_batched else z + bias
+    if bias is not None and fused_bias is None:
+        z = _add_rowwise(z, bias) if b_batched else z + bias
+    return torch.relu(z) if relu and not fused_relu else z
 
 
 def _add_rowwise(z: Tensor, bias: Tensor) -> Tensor:

@@ -10,7 +10,9 @@ Switches (``--off``, one or more):
 - ``fast-pool``: the CPU max pooling at treepool's indices (treepool.meta.max_pool):
   the model's max poolings run ATen's kernel;
 - ``written-out``: the first-order steps of a plain MLP by the backpropagation of
-  treepool.meta.mlp_backprop: they take autograd's pass.
+  treepool.meta.mlp_backprop: they take autograd's pass;
+- ``relu-forms``: a plain MLP's linear layers followed by ReLU as the products' ReLU
+  forms (``bmm_nt_relu``, ``outer_relu``): the product, then torch.relu.
 
 ``--force-in-place`` lowers the in-place layers' size threshold to 0 for every learner
 (to measure them below the size where 'auto' picks them).  ``--baseline vmap|loop``
@@ -22,6 +24,7 @@ adds that hand-written contender.  Cells are ``net:size:tasks:shots:order``, e.g
     python bench/ab_meta.py --cells conv:64:4:1:second --off factored --baseline loop
     python bench/ab_meta.py --cells conv:64:16:1:second --off fast-pool --baseline vmap
     python bench/ab_meta.py --cells mlp:64:256:10:first,mlp:40:16:5:first --off written-out
+    python bench/ab_meta.py --cells mlp:64:256:10:second --off relu-forms
 
 Reported per cell and family: ms per meta-step (median) of each contender, its minor
 page faults per meta-step (median; see bench_meta) and its per-repetition ratio to the
@@ -58,8 +61,13 @@ def _no_written_out(learner):
     learner.fns.written_out = False
 
 
+def _no_relu_forms(learner):
+    if learner.fns.mlp is not None:
+        learner.fns.mlp.relu_forms = False
+
+
 SWITCHES = {"in-place": _no_in_place, "factored": None, "fast-pool": _no_fast_pool,
-            "written-out": _no_written_out}
+            "written-out": _no_written_out, "relu-forms": _no_relu_forms}
 
 
 def parse_cell(text: str) -> bm.Cell:

@@ -105,16 +105,16 @@ def test_ab_meta_smoke():
     """ab_meta.py end to end on tiny cells: every switch, the forced in-place layers and a
     baseline; the figures come from running it on real cells."""
     out = run_script("ab_meta.py", "--cells", "mlp:8:8:3:first,conv:4:4:1:second",
-                     "--off", "in-place,factored,written-out", "--force-in-place",
+                     "--off", "in-place,factored,written-out,relu-forms", "--force-in-place",
                      "--baseline", "loop", "--repeats", "1", "--min-time", "0")
     for label in ("MLP 8, T=8, 3-shot, first order, MAML:",
                   "conv 4ch, T=4, 1-shot, second order, TreeMAML:"):
         line = next(line for line in out.splitlines() if line.startswith(label))
         assert "as shipped" in line and "in-place off" in line and "loop baseline" in line
-        assert "written-out off" in line
-        assert line.count("x, ") == 4  # a ratio for every contender but the reference
+        assert "written-out off" in line and "relu-forms off" in line
+        assert line.count("x, ") == 5  # a ratio for every contender but the reference
         if bench_meta.resource is not None:
-            assert line.count(" faults/step)") == 5
+            assert line.count(" faults/step)") == 6
     done = subprocess.run([sys.executable, os.path.join(BENCH, "ab_meta.py"), "--off", "jit"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "unknown ['jit']" in done.stderr

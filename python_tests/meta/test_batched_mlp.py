@@ -172,6 +172,46 @@ def test_factored_leaves_are_the_same_without_the_batched_mlp(first_order, label
     assert_same_without_the_batched_mlp(learner, float64_batch(8, 2, seed=6))
 
 
+def _graph_nodes(t):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return {node.name() for node in seen}
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_relu_forms_give_the_meta_gradient_of_the_product_then_relu(first_order):
+    """Linear layers followed by ReLU run the products' ReLU forms (outer_relu for the
+    one-feature input layer, bmm_nt_relu for the hidden one); with ``relu_forms = False``
+    (bench/ab_meta.py's ``--off relu-forms``) the product, then torch.relu: the same
+    meta-gradient for per-task steps, node steps and factored leaves, whose factored
+    layers keep torch.relu (float64)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(1, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(),
+                          nn.Linear(6, 1)).double()
+    batch = float64_batch(8, 1, seed=3)
+    tree = TaskTree.from_labels([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]])
+    learners = [MAML(model, inner_lr=0.2, inner_steps=2, first_order=first_order),
+                TreeMAML(model, tree, inner_lr=0.2, inner_steps=3, first_order=first_order,
+                         factored="never"),
+                TreeMAML(model, tree, inner_lr=0.2, inner_steps=3, first_order=first_order,
+                         factored="always")]
+    for learner in learners:
+        loss = learner.meta_loss(*batch)
+        forms = {"OuterBiasRelu", "NTBiasRelu"} <= {n.split("::")[-1].rstrip(">")
+                                                    for n in _graph_nodes(loss)}
+        assert forms == (learner.factored.mode != "always")
+        got = flat_grads(learner, loss)
+        learner.fns.mlp.relu_forms = False
+        loss = learner.meta_loss(*batch)
+        assert not any("Relu>" in n for n in _graph_nodes(loss))
+        want = flat_grads(learner, loss)
+        assert all(rel_err(a, b) <= TOL for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_per_task_losses_equal_the_vmapped_loss(depth):
     """The mean squared error as one elementwise loss and a mean per task equals

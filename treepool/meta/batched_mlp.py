@@ -74,6 +74,9 @@ class BatchedMLP:
     def __init__(self, model: nn.Module, layers: List[Tuple[str, nn.Module]]):
         self.model = model
         self.layers = layers
+        # a batched linear layer followed by nn.ReLU runs the product's ReLU form; False:
+        # the product, then torch.relu (the same values; bench/ab_meta.py --off relu-forms)
+        self.relu_forms = True
 
     @classmethod
     def of(cls, model: nn.Module) -> Optional["BatchedMLP"]:
@@ -111,7 +114,8 @@ class BatchedMLP:
             elif linears and name in linears:
                 h = linears[name](h)
             elif type(m) is nn.Linear:
-                fused = i + 1 < len(self.layers) and type(self.layers[i + 1][1]) is nn.ReLU
+                fused = (self.relu_forms and i + 1 < len(self.layers)
+                         and type(self.layers[i + 1][1]) is nn.ReLU)
                 h = batched_linear(h, *linear_params(params, name, m), lead, relu=fused)
             else:
                 h = m(h)

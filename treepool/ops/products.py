@@ -20,7 +20,7 @@ ops are the layers with one input or one output feature, one pass on the CPU whe
 ATen multiplies, writes a temporary and sums it. The ReLU forms apply ReLU in place on
 the product's fresh output (one pass and one autograd node less than ``torch.relu``
 after it) and differentiate ``g 1[h > 0]`` again without autograd's zero tensor for h:
-2-3% of a second-order meta-step (bench/RESULTS_meta.md).
+1-5% of a second-order meta-step (bench/RESULTS_meta.md).
 
 Each function runs the native op when the native backend has kernels for the device,
 else the plain PyTorch expression (:mod:`treepool.ops.reference`), whose values and

@@ -291,43 +291,45 @@ struct ReluGrad : Function<ReluGrad> {
 
 // The ReLU forms save {their two operands, h}; their gradients are the product's at
 // dz = ReluGrad(g, h).
-struct NTRelu : Function<NTRelu> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y) {
-    Tensor h = bmm_nt_relu_kernel(x, y, std::nullopt);
-    ctx->save_for_backward({x, y, h});
-    return h;
+Tensor relu_form(AutogradContext* ctx, Tensor (*kernel)(const Tensor&, const Tensor&, Optional),
+                 const Tensor& a, const Tensor& b, Optional bias) {
+  Tensor h = kernel(a, b, bias);
+  ctx->save_for_backward({a, b, h});
+  return h;
+}
+
+// The forward of a ReLU form on `kernel`, with and without the bias (Self gives backward).
+template <typename Self, Tensor (*kernel)(const Tensor&, const Tensor&, Optional)>
+struct ReluForm : Function<Self> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b) {
+    return relu_form(ctx, kernel, a, b, std::nullopt);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list g);
-};
-struct NTBiasRelu : Function<NTBiasRelu> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y,
+  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b,
                         const Tensor& bias) {
-    Tensor h = bmm_nt_relu_kernel(x, y, bias);
-    ctx->save_for_backward({x, y, h});
-    return h;
+    return relu_form(ctx, kernel, a, b, bias);
   }
+};
+struct NTRelu : ReluForm<NTRelu, bmm_nt_relu_kernel> {
   static variable_list backward(AutogradContext* ctx, variable_list g);
 };
-struct OuterRelu : Function<OuterRelu> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& w) {
-    Tensor h = outer_relu(g, w, std::nullopt);
-    ctx->save_for_backward({g, w, h});
-    return h;
-  }
+struct NTBiasRelu : ReluForm<NTBiasRelu, bmm_nt_relu_kernel> {
+  static variable_list backward(AutogradContext* ctx, variable_list g);
+};
+struct OuterRelu : ReluForm<OuterRelu, outer_relu> {
   static variable_list backward(AutogradContext* ctx, variable_list G);
 };
-struct OuterBiasRelu : Function<OuterBiasRelu> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& w,
-                        const Tensor& bias) {
-    Tensor h = outer_relu(g, w, bias);
-    ctx->save_for_backward({g, w, h});
-    return h;
-  }
+struct OuterBiasRelu : ReluForm<OuterBiasRelu, outer_relu> {
   static variable_list backward(AutogradContext* ctx, variable_list G);
 };
 
 Tensor relu_grad(AutogradContext* ctx, const Tensor& g) {
   return ReluGrad::apply(g, ctx->get_saved_variables()[2]);
+}
+
+// `grads` and the bias's (input 2), the sum of its output gradient dz over the rows.
+variable_list with_bias_grad(AutogradContext* ctx, variable_list grads, const Tensor& dz) {
+  grads.push_back(ctx->needs_input_grad(2) ? dz.sum(1) : Tensor());
+  return grads;
 }
 
 // The gradients of x y (shared by NN and NNAcc): dx = g y^T, dy = x^T g.
@@ -361,9 +363,7 @@ variable_list nt_grads(AutogradContext* ctx, const Tensor& g) {
 variable_list NT::backward(AutogradContext* ctx, variable_list g) { return nt_grads(ctx, g[0]); }
 
 variable_list NTBias::backward(AutogradContext* ctx, variable_list g) {
-  auto grads = nt_grads(ctx, g[0]);
-  grads.push_back(ctx->needs_input_grad(2) ? g[0].sum(1) : Tensor());
-  return grads;
+  return with_bias_grad(ctx, nt_grads(ctx, g[0]), g[0]);
 }
 
 variable_list NTRelu::backward(AutogradContext* ctx, variable_list g) {
@@ -372,9 +372,7 @@ variable_list NTRelu::backward(AutogradContext* ctx, variable_list g) {
 
 variable_list NTBiasRelu::backward(AutogradContext* ctx, variable_list g) {
   const Tensor dz = relu_grad(ctx, g[0]);
-  auto grads = nt_grads(ctx, dz);
-  grads.push_back(ctx->needs_input_grad(2) ? dz.sum(1) : Tensor());
-  return grads;
+  return with_bias_grad(ctx, nt_grads(ctx, dz), dz);
 }
 
 // x^T y: dx = y g^T, dy = x g.
@@ -400,9 +398,7 @@ variable_list Outer::backward(AutogradContext* ctx, variable_list G) {
 }
 
 variable_list OuterBias::backward(AutogradContext* ctx, variable_list G) {
-  auto grads = outer_grads(ctx, G[0]);
-  grads.push_back(ctx->needs_input_grad(2) ? G[0].sum(1) : Tensor());
-  return grads;
+  return with_bias_grad(ctx, outer_grads(ctx, G[0]), G[0]);
 }
 
 variable_list OuterRelu::backward(AutogradContext* ctx, variable_list G) {
@@ -411,9 +407,7 @@ variable_list OuterRelu::backward(AutogradContext* ctx, variable_list G) {
 
 variable_list OuterBiasRelu::backward(AutogradContext* ctx, variable_list G) {
   const Tensor dz = relu_grad(ctx, G[0]);
-  auto grads = outer_grads(ctx, dz);
-  grads.push_back(ctx->needs_input_grad(2) ? dz.sum(1) : Tensor());
-  return grads;
+  return with_bias_grad(ctx, outer_grads(ctx, dz), dz);
 }
 
 variable_list RowDot::backward(AutogradContext* ctx, variable_list G) {

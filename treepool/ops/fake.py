@@ -125,34 +125,32 @@ def _bmm_nn(x, y, acc=None):
     return x.new_empty(x.shape[0], x.shape[1], y.shape[2])
 
 
-@lib.register_fake("treepool::bmm_nt")
-def _bmm_nt(x, y, bias=None):
-    _checks.product_args("bmm_nt", x, y, bias)
-    return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
+def _bmm_nt_of(op):
+    """bmm_nt and its ReLU form: [B, M, K] x [B, N, K] -> [B, M, N]."""
+    def fake(x, y, bias=None):
+        _checks.product_args(op, x, y, bias)
+        return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
+    return fake
+
+
+def _outer_of(op):
+    """outer and its ReLU form: [B, N] x [B, K] -> [B, N, K]."""
+    def fake(g, w, bias=None):
+        _checks.row_args(op, g, w, bias)
+        return g.new_empty(g.shape[0], g.shape[1], w.shape[1])
+    return fake
+
+
+for _op in ("bmm_nt", "bmm_nt_relu"):
+    lib.register_fake(f"treepool::{_op}")(_bmm_nt_of(_op))
+for _op in ("outer", "outer_relu"):
+    lib.register_fake(f"treepool::{_op}")(_outer_of(_op))
 
 
 @lib.register_fake("treepool::bmm_tn")
 def _bmm_tn(x, y):
     _checks.product_args("bmm_tn", x, y)
     return x.new_empty(x.shape[0], x.shape[2], y.shape[2])
-
-
-@lib.register_fake("treepool::outer")
-def _outer(g, w, bias=None):
-    _checks.row_args("outer", g, w, bias)
-    return g.new_empty(g.shape[0], g.shape[1], w.shape[1])
-
-
-@lib.register_fake("treepool::bmm_nt_relu")
-def _bmm_nt_relu(x, y, bias=None):
-    _checks.product_args("bmm_nt_relu", x, y, bias)
-    return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
-
-
-@lib.register_fake("treepool::outer_relu")
-def _outer_relu(g, w, bias=None):
-    _checks.row_args("outer_relu", g, w, bias)
-    return g.new_empty(g.shape[0], g.shape[1], w.shape[1])
 
 
 @lib.register_fake("treepool::row_dot")

@@ -77,6 +77,33 @@ def test_batched_mlp_equals_vmap_of_the_model(case, B, rows, lead, dtype, adapt,
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("adapt", ["all", "weights", "biases"])
+@pytest.mark.parametrize("lead", [0, 1])
+def test_linear_layers_followed_by_relu_equal_vmap_for_every_adapted_subset(adapt, lead):
+    """Every branch of a linear layer followed by ReLU (one input feature, one output
+    feature, the product), each with adapted or shared weight and bias: the ReLU comes
+    after the bias, fused in the product only where the product adds the bias."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(inplace=True),
+                          nn.Linear(3, 1), nn.ReLU()).double()
+    with torch.no_grad():
+        model[4].bias.fill_(0.5)  # some outputs above zero
+    B = 3
+    params = {n: (p.detach().clone() if lead == 0 else torch.randn(B, *p.shape, dtype=p.dtype))
+              .requires_grad_() for n, p in model.named_parameters()
+              if adapt == "all" or n.endswith(adapt[:-1] if adapt == "weights" else "bias")}
+    x = torch.randn(B, 5, 1, dtype=torch.float64)
+    got = BatchedMLP.of(model)(params, x, lead)
+    call = lambda p, xt: torch.func.functional_call(model, p, (xt,))  # noqa: E731
+    want = torch.func.vmap(call, in_dims=(None if lead == 0 else 0, 0))(params, x)
+    assert (want > 0).any()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    probe = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad((got * probe).sum(), list(params.values())),
+                    torch.autograd.grad((want * probe).sum(), list(params.values()))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_only_plain_sequential_mlps_are_batched():
     assert BatchedMLP.of(nn.Linear(3, 2)) is not None
     assert BatchedMLP.of(nn.Sequential(nn.Linear(3, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 1)))) is not None

@@ -263,6 +263,25 @@ def test_tree_per_step_layer_anil_exact(levels, first_order):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("inputs", [1, 2])
+def test_relu_mlp_adapting_weights_only_exact(inputs, first_order):
+    """A ReLU MLP whose inner steps adapt the weights and keep the biases (the batched
+    products' ReLU forms must add the shared bias before the ReLU), MAML and TreeMAML,
+    against the per-task oracle."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(inputs, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
+                          nn.Linear(5, 1)).double()
+    weights = ["0.weight", "2.weight", "4.weight"]
+    batch = regression(4, features=inputs)
+    check_exact(MAML(model, inner_lr=0.3, inner_steps=2, first_order=first_order,
+                     inner_params=weights), batch, first_order)
+    tree = TaskTree([[0, 0, 1, 1], [0, 1, 2, 3]])
+    labels = [[int(v) for v in tree.labels(l + 1)] for l in range(tree.depth)]
+    check_exact(TreeMAML(model, tree, inner_lr=0.3, first_order=first_order,
+                         inner_params=weights), batch, first_order, labels)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
 def test_treemaml_batchnorm_exact(first_order):
     tree = TaskTree([[0, 0, 1, 1], [0, 1, 2, 3]])
     learner = TreeMAML(conv_bn(), tree, inner_lr=0.2, first_order=first_order,

@@ -145,16 +145,16 @@ def batched_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: int,
     B, out_features, in_features = weight.shape
     rows = h if h.dim() == 3 else h.reshape(B, -1, in_features)
     fused_bias = bias if b_batched else None          # added by the product itself
-    fused_relu = relu
+    fused_relu = relu and (bias is None or b_batched)  # nothing to add after the ReLU
     # squeeze, not [..., 0]: a view whose gradient is a view (select's writes zeros)
     if h.device.type == "cpu" and in_features == 1:   # [B, N] outer [B, out] (+ b)
-        outer = products.outer_relu if relu else products.outer
+        outer = products.outer_relu if fused_relu else products.outer
         z = outer(rows.squeeze(-1), weight.squeeze(-1), fused_bias)
     elif h.device.type == "cpu" and out_features == 1:
         z = products.row_dot(rows, weight.squeeze(1)).unsqueeze(-1)
         fused_bias, fused_relu = None, False
     else:
-        z = (products.bmm_nt_relu if relu else products.bmm_nt)(rows, weight, fused_bias)
+        z = (products.bmm_nt_relu if fused_relu else products.bmm_nt)(rows, weight, fused_bias)
     if h.dim() != 3:
         z = z.reshape(*h.shape[:-1], out_features)
     if bias is not None and fused_bias is None:

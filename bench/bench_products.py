@@ -4,7 +4,10 @@ The plain-MLP path of the learners multiplies, per task or tree node, a layer's 
 its weight and, on a factored leaf, by the task's low-rank terms (docs/design.md,
 sections 3 and 5). This times ``bmm_nn``, ``bmm_nt`` and ``bmm_tn`` on those shapes
 against ``torch.bmm`` on the same operands (transposed views where the form needs
-them), interleaved in one process: per repetition each contender runs ``--number``
+them), and the ReLU forms ``bmm_nt_relu`` and ``outer_relu`` of a node's layers
+against ``torch.relu`` of ``torch.baddbmm`` / ``torch.addcmul`` (their forward only:
+what they save in autograd, ``bench/ab_meta.py --off relu-forms`` measures),
+interleaved in one process: per repetition each contender runs ``--number``
 calls, and the table gives the median time and the treepool / torch ratio's median, min
 and max over the repetitions, with treepool's GFLOP/s. On the CPU, float32 matrices of
 at most 64 * 64 * 16 multiply-adds run treepool's register-tiled loops
@@ -38,8 +41,10 @@ CASES = [
     ("leaf (h B^T) A, w256 10-shot", "nn", 64, 10, 10, 256),
     ("per-task weight grad, w64 10-shot", "tn", 256, 64, 10, 64),
     ("node layer, 16 x 160 rows, w64", "nt", 16, 160, 64, 64),
+    ("node layer and ReLU, 16 x 160 rows, w64", "nt_relu", 16, 160, 64, 64),
+    ("1-input node layer and ReLU, 16 x 160 rows, w64", "outer_relu", 16, 160, 1, 64),
 ]
-QUICK = [CASES[0], CASES[1], CASES[2], CASES[-1]]
+QUICK = [CASES[0], CASES[1], CASES[2], CASES[8], CASES[9], CASES[10]]
 
 
 def contenders(form: str, B: int, M: int, K: int, N: int, device, dtype):
@@ -54,6 +59,15 @@ def contenders(form: str, B: int, M: int, K: int, N: int, device, dtype):
     if form == "nt":
         x, y = rand(B, M, K), rand(B, N, K)
         return (lambda: products.bmm_nt(x, y)), (lambda: torch.bmm(x, y.transpose(1, 2)))
+    if form == "nt_relu":
+        x, y, b = rand(B, M, K), rand(B, N, K), rand(B, N)
+        return ((lambda: products.bmm_nt_relu(x, y, b)),
+                (lambda: torch.relu(torch.baddbmm(b.unsqueeze(1), x, y.transpose(1, 2)))))
+    if form == "outer_relu":  # K = 1: g [B, M] times w [B, N]
+        g_, w, b = rand(B, M), rand(B, N), rand(B, N)
+        return ((lambda: products.outer_relu(g_, w, b)),
+                (lambda: torch.relu(torch.addcmul(b.unsqueeze(1), g_.unsqueeze(-1),
+                                                  w.unsqueeze(1)))))
     x, y = rand(B, K, M), rand(B, K, N)
     return (lambda: products.bmm_tn(x, y)), (lambda: torch.bmm(x.transpose(1, 2), y))
 
@@ -103,7 +117,7 @@ def main(argv=None):
           f"of {args.number} calls, interleaved\n")
     print(common.markdown_table(run.rows, [
         ("case", "case", None), ("form", "form", None), ("shape", "shape", None),
-        ("treepool_us", "treepool us", "{:.1f}"), ("torch_us", "torch.bmm us", "{:.1f}"),
+        ("treepool_us", "treepool us", "{:.1f}"), ("torch_us", "torch us", "{:.1f}"),
         ("ratio", "treepool / torch", "{:.2f}"), ("ratio_min", "min", "{:.2f}"),
         ("ratio_max", "max", "{:.2f}"), ("gflops", "treepool GFLOP/s", "{:.1f}")]))
     if args.json:

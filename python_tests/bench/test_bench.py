@@ -96,7 +96,7 @@ def test_bench_products_quick(tmp_path):
     out = run_script("bench_products.py", "--quick", "--json", str(tmp_path / "products.json"))
     assert "| leaf h B^T, w64 10-shot | nt |" in out and "treepool / torch" in out
     data = json.loads((tmp_path / "products.json").read_text())
-    assert {r["form"] for r in data["rows"]} == {"nn", "nt", "tn"}
+    assert {r["form"] for r in data["rows"]} == {"nn", "nt", "tn", "nt_relu", "outer_relu"}
     assert all(r["treepool_us"] > 0 and r["torch_us"] > 0 and
                r["ratio_min"] <= r["ratio"] <= r["ratio_max"] for r in data["rows"])
 
